@@ -1,0 +1,1 @@
+"""ComP (Cross-modal Prompting) for incomplete multimodal emotion recognition: model, losses, masks, training."""

@@ -1,0 +1,105 @@
+"""Model and training configs. Frozen dataclasses that round-trip to YAML via `pipeline.configuration`.
+
+`variant` picks a whole family of behaviours; each behaviour where the released ComP code differs from the
+paper (comp-model.md §9) is a named switch in `Quirks`, so an ablation is one flag. A switch left at None
+takes the variant's value (`Quirks.resolve`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Literal
+
+MODALITY_ORDER: tuple[str, ...] = ("audio", "text", "visual")  # index order of every [.., 3] mask tensor
+
+Variant = Literal["clean", "faithful"]
+
+
+@dataclass(frozen=True)
+class Quirks:
+    """Each quirk of the released code (comp-model.md §9). None = the variant's default."""
+
+    gradient_modulator: bool | None = None  # §9.1: the modulator (eqs. 10-11) acts on the prototype MLP
+    modulator_error: Literal["class_index", "true_class_prob"] | None = None  # §9.2: E for classification
+    prompt_mask: bool | None = None  # §9.3: absent/padded utterances masked out of prototypes and prompts
+    batch_prototypes: bool | None = None  # §9.4-5: prototypes from a time-axis MLP, pooled over the batch
+    outer_prompt_mlp: bool | None = None  # §9.6: the paper's outer MLP_p around the prompt (eq. 8)
+    stage1_reconstruction: bool | None = None  # §9.7: L_rec already in stage 1 (paper eq. 2)
+    disentangle: bool | None = None  # §9.8: private encoder, anti-label head, |cos| + JSD losses
+    private_a_for_all: bool | None = None  # §9.9: stage-1 private branch feeds private_a for every modality
+    double_unimodal_loss: bool | None = None  # §9.10: uni-modal losses counted twice in stage 2
+    test_selection: bool | None = None  # §9.12: pick the epoch on the test set, redraw test masks per batch
+    fuse_absent: bool | None = None  # §9.14: stage-2 fusion uses KP outputs of absent modalities
+    unused_params: bool | None = None  # §9.16: build the never-used modules (parameter count parity)
+
+    FAITHFUL = dict(gradient_modulator=False, modulator_error="class_index", prompt_mask=False,
+                    batch_prototypes=True, outer_prompt_mlp=False, stage1_reconstruction=False,
+                    disentangle=True, private_a_for_all=True, double_unimodal_loss=True, test_selection=True,
+                    fuse_absent=True, unused_params=True)
+    CLEAN = dict(gradient_modulator=True, modulator_error="true_class_prob", prompt_mask=True,
+                 batch_prototypes=False, outer_prompt_mlp=True, stage1_reconstruction=True,
+                 disentangle=False, private_a_for_all=False, double_unimodal_loss=False, test_selection=False,
+                 fuse_absent=True, unused_params=False)
+
+    def resolve(self, variant: str) -> "Quirks":
+        """All switches set: explicit values win, the rest come from the variant."""
+        base = self.FAITHFUL if variant == "faithful" else self.CLEAN
+        return replace(self, **{f.name: base[f.name] for f in fields(self) if getattr(self, f.name) is None})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """ComP hyper-parameters (comp-model.md §4, §6.2)."""
+
+    variant: Variant = "clean"
+    hidden: int = 256  # D
+    depth: int = 4  # masked self-attention layers per modality: 2 KP blocks x depth/2
+    heads: int = 2
+    drop_rate: float = 0.5
+    attn_drop_rate: float = 0.0
+    prompt_dim: int = 16  # p
+    n_prototypes: int = 10  # c
+    momentum: float = 0.3  # lambda of eq. 9
+    max_len: int = 150  # S: faithful pads every conversation to this length (time-axis prototype MLP)
+    prototype_ema: float = 0.99  # clean: decay of the prototype bank kept in the model for inference
+    quirks: Quirks = field(default_factory=Quirks)
+
+    def __post_init__(self) -> None:
+        if self.variant not in ("clean", "faithful"):
+            raise ValueError(f"variant must be clean or faithful, got {self.variant!r}")
+        if self.depth < 2 or self.depth % 2:
+            raise ValueError("depth must be an even number >= 2 (two knowledge-propagation blocks)")
+        if self.hidden % self.heads:
+            raise ValueError("hidden must be divisible by heads")
+
+    @property
+    def resolved(self) -> Quirks:
+        return self.quirks.resolve(self.variant)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How comp-train trains and evaluates (the protocol of comp-model.md §3, §6)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    epochs: int = 100
+    stage_epochs: int = 50  # stage 1 (uni-modal) epochs; stage 2 runs for the rest
+    batch_size: int = 16  # conversations per batch
+    lr: float = 1e-4
+    weight_decay: float = 1e-5
+    seed: int = 66  # base seed; seed i of a multi-seed run is seed + i
+    seeds: int = 1
+    missing: str = "natural"  # natural | random:R | fixed:a,t,v,at,av,tv,atv
+    folds: str = "all"  # which held-out folds to run: all | 1,3,5
+    val_fraction: float = 0.15  # of training conversations held out for selection when the store has no val
+    test_fraction: float = 0.2  # of conversations, only when the store has neither splits nor folds
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = True  # mixed precision on CUDA (ignored on CPU)
+    baselines: bool = True  # fit the simple baselines on the same splits and masks
+    num_threads: int = 0  # torch CPU threads, 0 = torch's default
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.stage_epochs <= self.epochs:
+            raise ValueError("stage_epochs must be between 0 and epochs")
+        if self.seeds < 1:
+            raise ValueError("seeds must be >= 1")

@@ -1,0 +1,115 @@
+"""The extractor contract and registry.
+
+A clip flows through the extractors in a fixed order, ASR first: `asr` sets the transcript (or the reason
+there is none), then `audio`, `text` and `visual` each turn the clip into one vector or a reason for absence.
+Extractors work on batches of clips so that models can batch; they never touch files or the store.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+SAMPLE_RATE = 16_000  # Hz; every audio array handed to an extractor is mono float32 at this rate
+STAGES: tuple[str, ...] = ("asr", "audio", "text", "visual")
+
+
+@dataclass
+class ClipInput:
+    """A decoded clip plus what earlier extractors found out about it."""
+
+    clip_id: str
+    audio: np.ndarray | None  # float32 [n_samples] at SAMPLE_RATE, or None
+    audio_reason: str  # "" when audio is usable, else why not ("no-audio-stream", "silent", "decode-error: ...")
+    frames: np.ndarray | None  # uint8 RGB [T, H, W, 3] sampled frames, or None
+    frames_reason: str  # "" when frames exist, else why not ("no-video-stream", "decode-error: ...")
+    duration_s: float
+    frame_times_s: np.ndarray | None = None  # [T] timestamps of `frames`
+    transcript: str | None = None  # set by the ASR extractor; None until then
+    text_reason: str = ""  # set by the ASR extractor when there is no usable transcript
+    shared: dict[str, Any] = field(default_factory=dict)  # cross-extractor cache (e.g. Whisper encoder states)
+
+
+@dataclass
+class ExtractorOutput:
+    """One extractor's result for one clip."""
+
+    features: np.ndarray | None  # float32 [feature_dim]; None when absent (then `reason` says why)
+    reason: str = ""
+    diagnostics: dict[str, float] = field(default_factory=dict)
+    transcript: str | None = None  # ASR only
+
+
+class Extractor(abc.ABC):
+    """Base of every extractor. Subclasses set `name`, `stage` and `config_cls` and register themselves."""
+
+    name: ClassVar[str]
+    stage: ClassVar[str]  # one of STAGES
+    config_cls: ClassVar[type]
+
+    def __init__(self, config: Any, device: torch.device | str = "cpu") -> None:
+        self.config = config
+        self.device = torch.device(device)
+
+    @property
+    @abc.abstractmethod
+    def feature_dim(self) -> int:
+        """Length of the vector this extractor produces (0 for ASR)."""
+
+    @abc.abstractmethod
+    def spec(self) -> dict[str, Any]:
+        """Every resolved setting that changes a feature value (model id/path and hash, layers, pooling...)."""
+
+    @abc.abstractmethod
+    def extract(self, clips: Sequence[ClipInput]) -> list[ExtractorOutput]:
+        """One output per clip, in order. Never raises for one bad clip: returns a reason instead."""
+
+    def info(self) -> dict[str, str]:
+        """Short descriptions stored as the modality's attributes (encoder, layers, pooling)."""
+        spec = self.spec()
+        return {k: str(spec.get(k, "")) for k in ("encoder", "layers", "pooling")}
+
+
+REGISTRY: dict[str, type[Extractor]] = {}
+
+
+def register(cls: type[Extractor]) -> type[Extractor]:
+    """Class decorator: make an extractor nameable from configs and the CLI."""
+    if cls.stage not in STAGES:
+        raise ValueError(f"{cls.__name__}.stage must be one of {STAGES}")
+    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
+        raise ValueError(f"two extractors named {cls.name!r}")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def available(stage: str | None = None) -> list[str]:
+    """Registered extractor names (for one stage when given)."""
+    _import_builtin()
+    return sorted(n for n, c in REGISTRY.items() if stage is None or c.stage == stage)
+
+
+def build(name: str, config: Any, device: torch.device | str = "cpu", **kwargs: Any) -> Extractor:
+    """Instantiate a registered extractor by name."""
+    _import_builtin()
+    if name not in REGISTRY:
+        raise KeyError(f"unknown extractor {name!r}; known: {sorted(REGISTRY)}")
+    return REGISTRY[name](config, device, **kwargs)
+
+
+_BUILTIN_MODULES = ("extractors.asr", "extractors.audio", "extractors.text", "extractors.visual")
+
+
+def _import_builtin() -> None:
+    import importlib
+
+    for mod in _BUILTIN_MODULES:
+        importlib.import_module(mod)
+
+
+ProgressHook = Callable[[str, int, int], None]  # (stage, done, total) -> None

@@ -1,0 +1,1 @@
+"""Command-line entry points: comp-extract, comp-train, comp-predict, comp-import."""
