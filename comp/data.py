@@ -1,0 +1,444 @@
+"""From the feature store to model batches: conversations, evaluation plans, normalisation, batching.
+
+ComP sees a whole conversation at a time (comp-model.md §1): rows of the store are grouped by `conversation`
+and ordered by `position`. Unlabelled rows (classification label "" / regression value NaN) stay in their
+conversation as context and are predicted, but they take no part in the loss or the scores (`labelled`).
+
+Evaluation plans (`plan_folds`), in order of precedence:
+
+1. the store has `fold` > 0 (IEMOCAP sessions): leave one fold out; validation conversations are held out of
+   the training folds with a seed, never taken from the test fold;
+2. the store has `split` values (CMU-MOSI): its train/val/test; without val rows, val is held out of train;
+3. neither: a seeded split by conversation into train/val/test.
+
+`paper_protocol=True` gives the released code's view instead (comp-model.md §2.4, §6.3): no validation set,
+the test conversations double as "val", and the store's own val split is left unused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from comp.batch import ComPBatch
+from comp.config import MODALITY_ORDER, TrainConfig
+from pipeline.store import StoreData
+
+log = logging.getLogger(__name__)
+
+STD_FLOOR = 1e-6  # a dimension with a smaller spread on the training rows is constant: leave it unscaled
+VAL_STREAM = 7919  # numpy seed-sequence stream of the validation hold-out (apart from masks and init)
+
+
+class DataError(ValueError):
+    """The store cannot be used as asked; the message says why and what to do."""
+
+
+# --------------------------------------------------------------------------------------- conversations
+
+@dataclass(frozen=True, eq=False)
+class Conversation:
+    """One conversation's utterances in order; arrays share their first axis (length L)."""
+
+    id: str
+    clip_ids: np.ndarray  # object [L]
+    features: Mapping[str, np.ndarray]  # modality -> float32 [L, D_m], zeros where absent
+    present: np.ndarray  # bool [L, 3] in MODALITY_ORDER
+    targets: np.ndarray  # int64 class index or float32 value [L]; 0 where unlabelled
+    labelled: np.ndarray  # bool [L]
+    fold: int = 0
+    split: str = ""
+
+    def __len__(self) -> int:
+        return len(self.clip_ids)
+
+    def with_present(self, present: np.ndarray) -> "Conversation":
+        """A copy whose presence flags are `present`; features of absent modalities are zeroed."""
+        present = np.asarray(present, dtype=bool)
+        feats = {m: np.where(present[:, i:i + 1], self.features[m], np.float32(0))
+                 for i, m in enumerate(MODALITY_ORDER)}
+        return dataclasses.replace(self, features=feats, present=present)
+
+
+def encode_targets(data: StoreData) -> tuple[np.ndarray, np.ndarray]:
+    """(targets, labelled) per row: class index (int64) or value (float32); 0 where unlabelled."""
+    if data.header.task == "classification":
+        names = list(data.header.label_names)
+        if not names:
+            raise DataError("the store is a classification store with no label_names; re-import or re-extract "
+                            "it with labels")
+        index = {name: i for i, name in enumerate(names)}
+        labels = np.asarray(data.label, dtype=object)
+        labelled = np.array([lab != "" for lab in labels], dtype=bool)
+        unknown = sorted({str(lab) for lab in labels[labelled] if lab not in index})
+        if unknown:
+            raise DataError(f"labels {unknown[:5]} are not among the store's label_names {names}; fix the "
+                            "labels or the label_names of the store")
+        targets = np.array([index.get(lab, 0) for lab in labels], dtype=np.int64)
+        return targets, labelled
+    values = np.asarray(data.value, dtype=np.float32)
+    labelled = np.isfinite(values)
+    return np.where(labelled, values, np.float32(0)).astype(np.float32), labelled
+
+
+def build_conversations(data: StoreData) -> list[Conversation]:
+    """Group the store's usable rows by conversation (sorted by id), utterances by (position, clip id)."""
+    n_error = int(np.count_nonzero(data.status != "ok"))
+    if n_error:
+        log.info("leaving out %d clip(s) that could not be decoded (status error)", n_error)
+        data = data.usable()
+    if len(data) == 0:
+        raise DataError("the store has no usable clips; run comp-extract (or comp-import) first")
+    targets, labelled = encode_targets(data)
+    conv = data.conversation.astype(str)
+    order = np.lexsort((data.ids.astype(str), data.position, conv))
+    conv = conv[order]
+    present = np.stack([data.present[m] for m in MODALITY_ORDER], axis=1)[order]
+    # zeros where absent, whatever the store holds there (the contract says never read them without `present`)
+    feats = {m: np.where(present[:, i:i + 1], data.features[m][order], np.float32(0))
+             for i, m in enumerate(MODALITY_ORDER)}
+    ids, targets, labelled = data.ids[order], targets[order], labelled[order]
+    fold, split = data.fold[order], data.split[order].astype(str)
+    starts = np.flatnonzero(np.r_[True, conv[1:] != conv[:-1]])
+    ends = np.r_[starts[1:], len(conv)]
+    out = []
+    for a, b in zip(starts, ends):
+        name = str(conv[a])
+        if np.any(fold[a:b] != fold[a]):
+            raise DataError(f"conversation {name!r} has clips in different folds {sorted(set(fold[a:b]))}; a "
+                            "conversation must lie in one fold")
+        if np.any(split[a:b] != split[a]):
+            raise DataError(f"conversation {name!r} has clips in different splits {sorted(set(split[a:b]))}; "
+                            "a conversation must lie in one split")
+        out.append(Conversation(id=name, clip_ids=ids[a:b], features={m: f[a:b] for m, f in feats.items()},
+                                present=present[a:b], targets=targets[a:b], labelled=labelled[a:b],
+                                fold=int(fold[a]), split=str(split[a])))
+    return out
+
+
+def select(conversations: Sequence[Conversation], ids: Sequence[str]) -> list[Conversation]:
+    """The conversations named by `ids`, in the order of `ids`."""
+    by_id = {c.id: c for c in conversations}
+    missing = [i for i in ids if i not in by_id]
+    if missing:
+        raise DataError(f"unknown conversation id(s) {missing[:5]}")
+    return [by_id[i] for i in ids]
+
+
+# --------------------------------------------------------------------------------------- normalisation
+
+@dataclass(frozen=True, eq=False)
+class Normalizer:
+    """Per-dimension standardisation fitted on present training rows; absent rows stay exactly zero."""
+
+    mean: Mapping[str, np.ndarray]
+    std: Mapping[str, np.ndarray]
+
+    @classmethod
+    def fit(cls, conversations: Sequence[Conversation]) -> "Normalizer":
+        if not conversations:
+            raise DataError("cannot fit feature normalisation on zero conversations")
+        mean, std = {}, {}
+        for i, m in enumerate(MODALITY_ORDER):
+            rows = np.concatenate([c.features[m][c.present[:, i]] for c in conversations]).astype(np.float64)
+            dim = conversations[0].features[m].shape[1]
+            if len(rows) == 0:
+                log.warning("no training clip has %s; its features are left unscaled", m)
+                mean[m], std[m] = np.zeros(dim, np.float32), np.ones(dim, np.float32)
+                continue
+            s = rows.std(axis=0)
+            mean[m] = rows.mean(axis=0).astype(np.float32)
+            std[m] = np.where(s < STD_FLOOR, 1.0, s).astype(np.float32)
+        return cls(mean, std)
+
+    def transform(self, features: Mapping[str, np.ndarray], present: np.ndarray) -> dict[str, np.ndarray]:
+        """Standardise `features` (modality -> [..., D]); rows where `present[..., i]` is False become 0."""
+        present = np.asarray(present, dtype=bool)
+        return {m: np.where(present[..., i:i + 1], (features[m] - self.mean[m]) / self.std[m],
+                            np.float32(0)).astype(np.float32)
+                for i, m in enumerate(MODALITY_ORDER)}
+
+    def apply(self, conversations: Sequence[Conversation]) -> list[Conversation]:
+        return [dataclasses.replace(c, features=self.transform(c.features, c.present)) for c in conversations]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain lists, for the checkpoint's JSON meta."""
+        return {"mean": {m: self.mean[m].tolist() for m in MODALITY_ORDER},
+                "std": {m: self.std[m].tolist() for m in MODALITY_ORDER}}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Normalizer":
+        try:
+            mean = {m: np.asarray(data["mean"][m], dtype=np.float32) for m in MODALITY_ORDER}
+            std = {m: np.asarray(data["std"][m], dtype=np.float32) for m in MODALITY_ORDER}
+        except (KeyError, TypeError) as err:
+            raise DataError(f"normaliser record lacks {err}; it needs mean/std for {MODALITY_ORDER}") from None
+        for m in MODALITY_ORDER:
+            if mean[m].shape != std[m].shape or mean[m].ndim != 1 or np.any(std[m] <= 0):
+                raise DataError(f"normaliser record for {m} is malformed (shapes {mean[m].shape}/{std[m].shape}, "
+                                "std must be positive)")
+        return cls(mean, std)
+
+
+# ------------------------------------------------------------------------------------------------ plans
+
+@dataclass(frozen=True)
+class FoldPlan:
+    """Which conversations train, select and test one run. `val_is_test`: the paper's protocol."""
+
+    name: str  # the held-out fold ("1".."K") or "split"
+    train: tuple[str, ...]
+    val: tuple[str, ...]
+    test: tuple[str, ...]
+    val_is_test: bool = False
+
+
+def _conversation_table(data: StoreData) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(conversation ids sorted, fold, split, has-label) per conversation of the usable rows."""
+    data = data.usable()
+    _, labelled = encode_targets(data)
+    conv = data.conversation.astype(str)
+    names, inverse = np.unique(conv, return_inverse=True)
+    first = np.full(len(names), -1)
+    first[inverse[::-1]] = np.arange(len(conv))[::-1]
+    fold, split = data.fold[first], data.split.astype(str)[first]
+    if np.any(data.fold != fold[inverse]) or np.any(data.split.astype(str) != split[inverse]):
+        bad = names[np.unique(inverse[(data.fold != fold[inverse]) | (data.split.astype(str) != split[inverse])])]
+        raise DataError(f"conversation(s) {bad[:5].tolist()} have clips in different folds or splits; a "
+                        "conversation must lie in one fold and one split")
+    has_label = np.zeros(len(names), dtype=bool)
+    np.logical_or.at(has_label, inverse, labelled)
+    return names, fold, split, has_label
+
+
+def _round(x: float) -> int:
+    return int(np.floor(x + 0.5))
+
+
+def _hold_out(pool: np.ndarray, fraction: float, rng: np.random.Generator,
+              where: str) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held out): a seeded `fraction` of `pool` (at least one when fraction > 0, at least one kept)."""
+    if fraction <= 0:
+        return pool, pool[:0]
+    if len(pool) < 2:
+        raise DataError(f"{where}: only {len(pool)} labelled training conversation(s), so none can be held out "
+                        "for validation; add conversations or set val_fraction=0 (the last epoch is then kept)")
+    n_val = min(max(1, _round(fraction * len(pool))), len(pool) - 1)
+    perm = rng.permutation(len(pool))
+    return np.sort(pool[perm[n_val:]]), np.sort(pool[perm[:n_val]])
+
+
+def _parse_folds(spec: str, available: Sequence[int]) -> list[int]:
+    text = str(spec).strip().lower()
+    if text == "all":
+        return list(available)
+    try:
+        wanted = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise DataError(f"folds {spec!r}: use 'all' or fold numbers separated by commas, e.g. 1,3") from None
+    unknown = sorted(set(wanted) - set(available))
+    if not wanted or unknown:
+        raise DataError(f"folds {spec!r}: the store has folds {list(available)}; {unknown or 'none'} requested "
+                        "do not exist")
+    return sorted(set(wanted))
+
+
+def plan_folds(data: StoreData, cfg: TrainConfig, *, paper_protocol: bool = False) -> list[FoldPlan]:
+    """The runs' train/val/test conversation ids (see the module docstring for the three store kinds)."""
+    names, fold, split, has_label = _conversation_table(data)
+    if len(names) == 0:
+        raise DataError("the store has no usable clips; run comp-extract (or comp-import) first")
+    if np.any(fold > 0):
+        return _plan_leave_one_fold_out(names, fold, has_label, cfg, paper_protocol)
+    if str(cfg.folds).strip().lower() != "all":
+        raise DataError(f"folds={cfg.folds!r} was asked for, but the store has no fold column values; leave "
+                        "folds at 'all'")
+    if np.any(split != ""):
+        return [_plan_store_split(names, split, has_label, cfg, paper_protocol)]
+    return [_plan_random_split(names, has_label, cfg, paper_protocol)]
+
+
+def _plan_leave_one_fold_out(names, fold, has_label, cfg, paper_protocol) -> list[FoldPlan]:
+    available = sorted(int(f) for f in set(fold.tolist()) if f > 0)
+    if len(available) < 2:
+        raise DataError(f"the store has a single fold ({available[0]}); leave-one-fold-out needs at least two. "
+                        "Set fold to 0 for every clip to get a random split instead")
+    unfolded = names[fold <= 0]
+    if len(unfolded):
+        log.info("%d conversation(s) have fold 0: they are used for training in every fold", len(unfolded))
+    plans = []
+    for k in _parse_folds(cfg.folds, available):
+        test = names[fold == k]
+        rest = names[fold != k]
+        if paper_protocol:
+            plans.append(FoldPlan(str(k), tuple(rest), tuple(test), tuple(test), val_is_test=True))
+            continue
+        rest_labelled = rest[has_label[fold != k]]
+        rng = np.random.default_rng([int(cfg.seed), VAL_STREAM, k])
+        _, val = _hold_out(rest_labelled, cfg.val_fraction, rng, f"fold {k}")
+        train = np.setdiff1d(rest, val)
+        plans.append(FoldPlan(str(k), tuple(train), tuple(val), tuple(test)))
+        _warn_unlabelled(f"fold {k}", test, names, has_label)
+    return plans
+
+
+def _plan_store_split(names, split, has_label, cfg, paper_protocol) -> FoldPlan:
+    unsplit = names[split == ""]
+    if len(unsplit):
+        raise DataError(f"{len(unsplit)} conversation(s) (e.g. {unsplit[0]!r}) have no split while others do; "
+                        "give every clip train/val/test, or none (a random split is made then)")
+    train, val, test = names[split == "train"], names[split == "val"], names[split == "test"]
+    if len(test) == 0 or len(train) == 0:
+        raise DataError(f"the store's split has {len(train)} train and {len(test)} test conversations; both are "
+                        "needed")
+    if paper_protocol:
+        if len(val):
+            log.info("paper protocol: the store's %d val conversation(s) are not used (as in the released code)",
+                     len(val))
+        return FoldPlan("split", tuple(train), tuple(test), tuple(test), val_is_test=True)
+    if len(val) == 0:
+        rng = np.random.default_rng([int(cfg.seed), VAL_STREAM, 0])
+        labelled_train = train[has_label[split == "train"]]
+        _, val = _hold_out(labelled_train, cfg.val_fraction, rng, "split")
+        train = np.setdiff1d(train, val)
+    _warn_unlabelled("split", test, names, has_label)
+    return FoldPlan("split", tuple(train), tuple(val), tuple(test))
+
+
+def _plan_random_split(names, has_label, cfg, paper_protocol) -> FoldPlan:
+    pool = names[has_label]
+    n = len(pool)
+    n_val = 0 if (paper_protocol or cfg.val_fraction <= 0) else max(1, _round(cfg.val_fraction * n))
+    n_test = max(1, _round(cfg.test_fraction * n))
+    need = 2 + (n_val > 0)
+    if n < need:
+        raise DataError(f"the store has no split or fold, so comp-train splits it by conversation into "
+                        f"train/{'val/' if n_val else ''}test, which needs at least {need} labelled conversations; "
+                        f"it has {n} (a clip without a conversation counts as one). Add labelled clips, or set "
+                        "split/fold in the store")
+    while n_test + n_val > n - 1:  # keep at least one for training; shrink the larger part first
+        if n_test >= n_val and n_test > 1:
+            n_test -= 1
+        else:
+            n_val -= 1
+    rng = np.random.default_rng([int(cfg.seed), VAL_STREAM, 0])
+    perm = pool[rng.permutation(n)]
+    test, val = np.sort(perm[:n_test]), np.sort(perm[n_test:n_test + n_val])
+    train = np.setdiff1d(names, np.concatenate([test, val]))  # unlabelled conversations join training
+    if paper_protocol:
+        return FoldPlan("split", tuple(train), tuple(test), tuple(test), val_is_test=True)
+    return FoldPlan("split", tuple(train), tuple(val), tuple(test))
+
+
+def _warn_unlabelled(where: str, test: np.ndarray, names: np.ndarray, has_label: np.ndarray) -> None:
+    if len(test) and not np.any(has_label[np.isin(names, test)]):
+        log.warning("%s: no test conversation has a label; its scores will be NaN", where)
+
+
+# --------------------------------------------------------------------------------------------- batching
+
+@dataclass(frozen=True, eq=False)
+class Batch:
+    """A `ComPBatch` plus what maps its predictions back: clip ids (None at padding) and scored rows."""
+
+    batch: ComPBatch
+    clip_ids: np.ndarray  # object [B, S]
+    labelled: torch.Tensor  # bool [B, S]: real utterances with a label (loss and scores)
+    conversation_ids: tuple[str, ...]
+
+    def with_present(self, present: torch.Tensor) -> "Batch":
+        """A copy with presence flags `present` [B, S, 3]; features of absent modalities are zeroed."""
+        feats = {}
+        for i, m in enumerate(MODALITY_ORDER):
+            x = self.batch.features[m]
+            if x.device.type == "cpu":  # numpy's where is several times faster than torch ops on a busy CPU
+                keep = present[..., i:i + 1].cpu().numpy()
+                feats[m] = torch.from_numpy(np.where(keep, x.numpy(), np.zeros((), x.numpy().dtype)))
+            else:
+                feats[m] = x * present[..., i:i + 1].to(device=x.device, dtype=x.dtype)
+        return dataclasses.replace(self, batch=_replace(self.batch, features=feats, present=present))
+
+
+def _replace(obj: Any, **changes: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return dataclasses.replace(obj, **changes)
+    return obj._replace(**changes)  # a NamedTuple
+
+
+@dataclass(frozen=True, eq=False)
+class PackedConversations:
+    """All conversations' rows in flat arrays (plus one zero row that padding gathers), built once."""
+
+    conversations: tuple[Conversation, ...]
+    offsets: np.ndarray  # int64 [C]
+    lengths: np.ndarray  # int64 [C]
+    features: Mapping[str, np.ndarray]  # float32 [N + 1, D_m]
+    present: np.ndarray  # bool [N + 1, 3]
+    targets: np.ndarray  # [N + 1]
+    labelled: np.ndarray  # bool [N + 1]
+    clip_ids: np.ndarray  # object [N + 1]
+
+    def __len__(self) -> int:
+        return len(self.conversations)
+
+
+def pack(conversations: Sequence[Conversation]) -> PackedConversations:
+    """Flatten once, so that every batch is one gather per array."""
+    if isinstance(conversations, PackedConversations):
+        return conversations
+    if not conversations:
+        raise DataError("no conversations to batch")
+    convs = tuple(conversations)
+    lengths = np.array([len(c) for c in convs], dtype=np.int64)
+    offsets = np.r_[0, np.cumsum(lengths)[:-1]].astype(np.int64)
+
+    def flat(get, pad_value, dtype=None) -> np.ndarray:
+        arr = np.concatenate([get(c) for c in convs])
+        pad = np.full((1,) + arr.shape[1:], pad_value, dtype=arr.dtype if dtype is None else dtype)
+        return np.concatenate([arr, pad])
+
+    return PackedConversations(
+        conversations=convs, offsets=offsets, lengths=lengths,
+        features={m: flat(lambda c, m=m: c.features[m], 0) for m in MODALITY_ORDER},
+        present=flat(lambda c: c.present, False), targets=flat(lambda c: c.targets, 0),
+        labelled=flat(lambda c: c.labelled, False),
+        clip_ids=flat(lambda c: np.asarray(c.clip_ids, dtype=object), None, object))
+
+
+def iterate_batches(conversations: Sequence[Conversation] | PackedConversations, batch_size: int,
+                    shuffle: bool, rng: np.random.Generator | torch.Generator | None = None) -> Iterator[Batch]:
+    """Batches of `batch_size` conversations, padded to the batch's longest conversation.
+
+    Pass a `PackedConversations` (from `pack`) to avoid re-flattening every epoch. `rng` orders the
+    conversations when `shuffle` (numpy or torch generator).
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    packed = pack(conversations)
+    n = len(packed)
+    if not shuffle:
+        order = np.arange(n)
+    elif isinstance(rng, torch.Generator):
+        order = torch.randperm(n, generator=rng).numpy()
+    elif rng is not None:
+        order = rng.permutation(n)
+    else:
+        raise ValueError("shuffle=True needs an rng")
+    pad_row = len(packed.present) - 1
+    for start in range(0, n, batch_size):
+        idx = order[start:start + batch_size]
+        lengths = packed.lengths[idx]
+        steps = np.arange(int(lengths.max()))
+        valid = steps[None, :] < lengths[:, None]
+        rows = np.where(valid, packed.offsets[idx][:, None] + steps[None, :], pad_row)
+        b = ComPBatch(features={m: torch.from_numpy(packed.features[m][rows]) for m in MODALITY_ORDER},
+                      present=torch.from_numpy(packed.present[rows]), valid=torch.from_numpy(valid),
+                      targets=torch.from_numpy(packed.targets[rows]))
+        yield Batch(batch=b, clip_ids=packed.clip_ids[rows], labelled=torch.from_numpy(packed.labelled[rows]),
+                    conversation_ids=tuple(packed.conversations[i].id for i in idx))

@@ -1,0 +1,328 @@
+"""The training report: PNG figures and one self-contained `report.html` (figures embedded as data URIs).
+
+What it shows, from the run records the training loop writes (format in `write_report`):
+learning curves (train loss, validation primary metric, stage switch marked), the accuracy of each modality's
+own head over epochs (the modality balance ComP is about), the coordinator's modality weights over epochs, the
+test confusion matrix (classification), the mean ± std summary over seeds and folds, one row per run, and
+ComP against the baselines, with a sentence in words wherever a baseline beats it.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import logging
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never open a window
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from comp.config import MODALITY_ORDER  # noqa: E402
+from comp.metrics import higher_is_better, metric_names, primary_metric, summarize  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+REPORT_NAME = "report.html"
+COLOURS = {"audio": "#1f77b4", "text": "#d62728", "visual": "#2ca02c", "fused": "#444444"}
+DPI = 110
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+def _fmt(x: Any, digits: int = 4) -> str:
+    if x is None:
+        return "–"
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return html.escape(str(x))
+    return "NaN" if math.isnan(v) else f"{v:.{digits}f}"
+
+
+def _mean_std(entry: Mapping[str, Any] | None) -> str:
+    if not entry:
+        return "–"
+    return f"{_fmt(entry.get('mean'))} ± {_fmt(entry.get('std'))}"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_") or "run"
+
+
+def _stage_switch(history: Sequence[Mapping[str, Any]]) -> int | None:
+    """The first epoch of stage 2, if the run reached it."""
+    return next((int(h["epoch"]) for h in history if int(h.get("stage", 1)) == 2), None)
+
+
+def _series(runs: Sequence[Mapping[str, Any]], get) -> tuple[np.ndarray, np.ndarray]:
+    """(epochs, nan-mean over runs of get(history entry)) aligned by epoch number."""
+    table: dict[int, list[float]] = {}
+    for run in runs:
+        for h in run.get("history", []):
+            v = get(h)
+            if v is not None:
+                table.setdefault(int(h["epoch"]), []).append(float(v))
+    if not table:
+        return np.zeros(0), np.zeros(0)
+    epochs = np.array(sorted(table))
+    with np.errstate(all="ignore"):
+        means = np.array([np.nanmean(table[e]) if np.any(np.isfinite(table[e])) else np.nan for e in epochs])
+    return epochs, means
+
+
+def _mark_switch(ax, runs: Sequence[Mapping[str, Any]]) -> None:
+    switches = sorted({s for s in (_stage_switch(r.get("history", [])) for r in runs) if s is not None})
+    for i, s in enumerate(switches):
+        ax.axvline(s - 0.5, color="grey", linestyle="--", linewidth=1, label="stage 2 starts" if i == 0 else None)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def _run_label(run: Mapping[str, Any]) -> str:
+    return f"fold {run.get('fold', '?')} / seed {run.get('seed', '?')}"
+
+
+# ----------------------------------------------------------------------------------------------- figures
+
+def plot_learning_curves(runs: Sequence[Mapping[str, Any]], metric: str, path: Path) -> Path:
+    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
+    legend = len(runs) <= 10
+    for run in runs:
+        hist = run.get("history", [])
+        ep = [h["epoch"] for h in hist]
+        line, = ax_loss.plot(ep, [h.get("train_loss", np.nan) for h in hist], linewidth=1,
+                             label=_run_label(run) if legend else None)
+        vals = [(h.get("val") or {}).get(metric, np.nan) for h in hist]
+        ax_val.plot(ep, vals, linewidth=1, color=line.get_color())
+        best = run.get("best_epoch")
+        if best is not None:
+            at = [v for e, v in zip(ep, vals) if e == best]
+            if at:
+                ax_val.plot([best], at, "o", color=line.get_color(), markersize=5)
+    for ax in (ax_loss, ax_val):
+        _mark_switch(ax, runs)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    ax_loss.set_ylabel("train loss")
+    ax_loss.set_title("training loss")
+    where = "test (paper protocol)" if any(str(r.get("selected_on", "")).startswith("test") for r in runs) else "val"
+    ax_val.set_ylabel(f"{where} {metric}")
+    ax_val.set_title(f"{where} {metric} (dot = selected epoch)")
+    if legend:
+        ax_loss.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_modality_heads(runs: Sequence[Mapping[str, Any]], metric: str, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for m in MODALITY_ORDER:
+        ep, mean = _series(runs, lambda h, m=m: ((h.get("val_heads") or {}).get(m) or {}).get(metric))
+        if len(ep):
+            ax.plot(ep, mean, label=f"{m} head", color=COLOURS[m])
+    ep, mean = _series(runs, lambda h: (h.get("val") or {}).get(metric))
+    if len(ep):
+        ax.plot(ep, mean, label="fused (ComP)", color=COLOURS["fused"], linestyle=":")
+    _mark_switch(ax, runs)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"val {metric} (mean over runs)")
+    ax.set_title("per-modality head accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_coordinator(runs: Sequence[Mapping[str, Any]], path: Path) -> Path | None:
+    if not any(h.get("coordinator") for r in runs for h in r.get("history", [])):
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for m in MODALITY_ORDER:
+        ep, mean = _series(runs, lambda h, m=m: (h.get("coordinator") or {}).get(m))
+        if len(ep):
+            ax.plot(ep, mean, label=m, color=COLOURS[m])
+    _mark_switch(ax, runs)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("coordinator weight (mean over runs)")
+    ax.set_title("coordinator modality weights")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_confusion(runs: Sequence[Mapping[str, Any]], label_names: Sequence[str], path: Path) -> Path | None:
+    mats = [np.asarray(r["confusion"], dtype=np.int64) for r in runs if r.get("confusion")]
+    if not mats:
+        return None
+    total = np.sum(mats, axis=0)
+    with np.errstate(all="ignore"):
+        share = total / np.maximum(total.sum(axis=1, keepdims=True), 1)
+    n = len(total)
+    names = list(label_names) if len(label_names) == n else [str(i) for i in range(n)]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * n, 0.8 + 0.7 * n))
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, f"{total[i, j]}", ha="center", va="center", fontsize=8,
+                    color="white" if share[i, j] > 0.5 else "black")
+    ax.set_xticks(range(n), names, rotation=45, ha="right")
+    ax.set_yticks(range(n), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"test confusion (sum over {len(mats)} run(s))")
+    return _save(fig, path)
+
+
+# -------------------------------------------------------------------------------------------------- html
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], cls: str = "") -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return (f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+            f'<figcaption>{html.escape(alt)} ({html.escape(path.name)})</figcaption></figure>')
+
+
+def _summary_table(summary: Mapping[str, Mapping[str, Any]], primary: str) -> str:
+    rows = []
+    for k, v in summary.items():
+        name = f"<b>{html.escape(k)}</b> (selection)" if k == primary else html.escape(k)
+        rows.append([name, _mean_std(v), str(v.get("n", ""))])
+    return _table(["metric", "mean ± std", "n"], rows, "summary")
+
+
+def _runs_table(runs: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> str:
+    rows = []
+    for r in runs:
+        test = r.get("test") or {}
+        rows.append([html.escape(str(r.get("fold", ""))), html.escape(str(r.get("seed", ""))),
+                     html.escape(str(r.get("condition", ""))), html.escape(str(r.get("best_epoch", ""))),
+                     html.escape(str(r.get("selected_on", "")))] + [_fmt(test.get(m)) for m in metrics])
+    return _table(["fold", "seed", "condition", "best epoch", "selected on"] + list(metrics), rows, "runs")
+
+
+def _heads_table(runs: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> str:
+    rows = []
+    for m in MODALITY_ORDER:
+        s = summarize([(r.get("test_heads") or {}).get(m) or {} for r in runs])
+        if any(s.get(k, {}).get("n") for k in metrics):
+            rows.append([html.escape(m)] + [_mean_std(s.get(k)) for k in metrics])
+    if not rows:
+        return "<p>No per-modality test scores were recorded.</p>"
+    return _table(["head"] + list(metrics), rows, "heads")
+
+
+def compare_baselines(summary: Mapping[str, Mapping[str, Any]], baselines: Mapping[str, Mapping[str, Any]],
+                      primary: str) -> tuple[str, list[str]]:
+    """(HTML table ComP vs baselines, sentences naming each metric where a baseline beats ComP)."""
+    metrics = [k for k in summary] + [k for b in baselines.values() for k in (b.get("summary") or {})
+                                      if k not in summary]
+    metrics = list(dict.fromkeys(metrics))
+    rows = [[html.escape(k)] + [_mean_std(summary.get(k))] +
+            [_mean_std((b.get("summary") or {}).get(k)) for b in baselines.values()] for k in metrics]
+    table = _table(["metric", "ComP"] + list(baselines), rows, "baselines")
+    sentences = []
+    for name, b in baselines.items():
+        theirs = b.get("summary") or {}
+        wins = []
+        for k in metrics:
+            ours, other = (summary.get(k) or {}).get("mean"), (theirs.get(k) or {}).get("mean")
+            if ours is None or other is None or not (math.isfinite(ours) and math.isfinite(other)):
+                continue
+            if (other > ours) if higher_is_better(k) else (other < ours):
+                wins.append(f"{k} ({_fmt(other)} vs {_fmt(ours)})")
+        if wins:
+            lead = "including the selection metric " + primary if any(w.startswith(primary + " ") for w in wins) \
+                else "but not on the selection metric " + primary
+            sentences.append(f"The baseline “{name}” beats ComP on {', '.join(wins)} — {lead}.")
+    if not sentences and baselines:
+        sentences.append("No baseline beats ComP on any metric.")
+    return table, sentences
+
+
+CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
+table{border-collapse:collapse;margin:0.5em 0 1.5em}th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}
+th{background:#f0f0f0}td:first-child{text-align:left}figure{display:inline-block;margin:0.5em}
+img{max-width:100%}.note{background:#fff4d6;border-left:4px solid #e0a800;padding:0.5em 1em}"""
+
+
+def write_report(out_dir: Path, runs: list[dict], summary: dict, baselines: dict | None = None) -> Path:
+    """Write the figures and `report.html` into `out_dir`; returns the HTML path.
+
+    run = {"fold", "seed", "condition", "best_epoch", "selected_on", "history": [{"epoch", "stage",
+    "train_loss", "val": {metric: v}, "val_heads": {modality: {metric: v}}, "coordinator": {modality: w} |
+    None}], "test": {metric: v}, "test_heads": {modality: {metric: v}}, "confusion": [[int]] | None,
+    "label_names": [str], "task"}; summary = {metric: {"mean", "std", "n"}};
+    baselines = {name: {"summary": {metric: {"mean", "std", "n"}}}}.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not runs:
+        raise ValueError("write_report needs at least one run record")
+    task = runs[0].get("task", "classification")
+    paper = any(str(r.get("selected_on", "")).startswith("test") for r in runs)
+    primary = primary_metric(task, "faithful" if paper else "clean")
+    head_metric = "acc" if task == "classification" else "acc2_non0"
+    label_names = runs[0].get("label_names") or []
+    metrics = [m for m in metric_names(task) if any(m in (r.get("test") or {}) for r in runs)] or \
+        list(metric_names(task))
+
+    parts = [f"<h1>ComP training report</h1><p>Task: {html.escape(task)}; {len(runs)} run(s); "
+             f"epochs selected on <b>{'the test set (paper protocol)' if paper else 'validation data'}</b> by "
+             f"<b>{html.escape(primary)}</b>.</p>"]
+    if paper:
+        parts.append('<p class="note">The epoch of each run was chosen on the test set, with test masks redrawn '
+                     "every epoch, as the released code does. These numbers are optimistic; use the clean "
+                     "protocol for an honest estimate.</p>")
+    parts.append("<h2>Summary (test, mean ± std over seeds and folds)</h2>" + _summary_table(summary, primary))
+    if baselines:
+        table, sentences = compare_baselines(summary, baselines, primary)
+        parts.append("<h2>ComP vs baselines</h2>" + table +
+                     "".join(f"<p>{html.escape(s)}</p>" for s in sentences))
+
+    conditions = list(dict.fromkeys(str(r.get("condition", "")) for r in runs))
+    for cond in conditions:
+        group = [r for r in runs if str(r.get("condition", "")) == cond]
+        suffix = "" if len(conditions) == 1 else "_" + _slug(cond)
+        parts.append(f"<h2>Condition: {html.escape(cond)}</h2>")
+        if len(conditions) > 1:
+            parts.append(_summary_table(summarize([r.get("test") or {} for r in group]), primary))
+        figures = [(plot_learning_curves(group, primary, out_dir / f"learning_curves{suffix}.png"),
+                    "learning curves"),
+                   (plot_modality_heads(group, head_metric, out_dir / f"modality_heads{suffix}.png"),
+                    f"per-modality head {head_metric} on validation data")]
+        coord = plot_coordinator(group, out_dir / f"coordinator{suffix}.png")
+        if coord is not None:
+            figures.append((coord, "coordinator weights"))
+        if task == "classification":
+            conf = plot_confusion(group, label_names, out_dir / f"confusion{suffix}.png")
+            if conf is not None:
+                figures.append((conf, "test confusion matrix"))
+        parts.append("".join(_img(p, alt) for p, alt in figures))
+        if coord is None:
+            parts.append("<p>No coordinator weights were recorded (the runs did not reach stage 2).</p>")
+        parts.append("<h3>Per-modality heads on test</h3>" + _heads_table(group, metrics))
+        parts.append("<h3>Runs</h3>" + _runs_table(group, metrics))
+
+    page = (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>ComP report</title><style>{CSS}</style>'
+            f"</head><body>{''.join(parts)}</body></html>")
+    path = out_dir / REPORT_NAME
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(path)
+    log.info("report written to %s", path)
+    return path

@@ -1,0 +1,347 @@
+"""Synthetic media for tests, the demo and benchmarks: speech from espeak-ng, faces from scikit-image, muxed
+into real files by PyAV. Nothing is downloaded.
+
+    clip = make_clip(tmp / "hello.mp4", text="Hello there", face=True)      # speech + a smiling face
+    make_clip(tmp / "quiet.mp4", audio="silent", face=False)                 # silence + a scene with no face
+    make_clip(tmp / "voice.wav", text="Audio only", video=False)             # no video stream
+
+Images: `skimage.data.astronaut()` (public domain; Eileen Collins, smiling) and the Labeled Faces in the Wild
+thumbnails of `skimage.data.lfw_subset()`. scikit-image is needed only here.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import tempfile
+import wave
+from collections.abc import Sequence
+from fractions import Fraction
+from pathlib import Path
+from typing import Literal
+
+import av
+import cv2
+import numpy as np
+
+from extractors.base import SAMPLE_RATE
+from pipeline.decode import resample_audio
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SIZE = (160, 120)  # (width, height) pixels: small, so generated clips decode fast
+DEFAULT_FPS = 10
+DEFAULT_TEXT = "Hello, this is a short test clip."
+AUDIO_ONLY_CODECS = {".wav": "pcm_s16le", ".flac": "flac", ".mp3": "libmp3lame", ".m4a": "aac", ".mp4": "aac"}
+VIDEO_CONTAINERS = {".mp4", ".mkv", ".mov"}
+# Astronaut face box found by OpenCV's frontal-face cascade on the 512x512 image: x, y, w, h.
+_ASTRONAUT_FACE = (177, 66, 95, 95)
+
+
+# --------------------------------------------------------------------------- audio
+
+
+def speak(text: str, *, voice: str = "en", pitch: int = 50, speed: int = 160, amplitude: int = 100) -> np.ndarray:
+    """Synthesise `text` with espeak-ng; mono float32 at 16 kHz. pitch 0-99, speed in words/minute, amplitude 0-200."""
+    if not text.strip():
+        raise ValueError("speak() needs non-empty text")
+    with tempfile.TemporaryDirectory(prefix="comp-speak-") as tmp:
+        wav = Path(tmp) / "speech.wav"
+        argv = ["espeak-ng", "-v", voice, "-p", str(pitch), "-s", str(speed), "-a", str(amplitude),
+                "-w", str(wav), "--", text]
+        try:
+            subprocess.run(argv, check=True, capture_output=True)
+        except FileNotFoundError as err:
+            raise RuntimeError("espeak-ng is not installed (Debian/Ubuntu: apt-get install espeak-ng)") from err
+        except subprocess.CalledProcessError as err:
+            stderr = err.stderr.decode(errors="replace").strip()
+            raise RuntimeError(f"espeak-ng failed (exit {err.returncode}): {stderr}") from err
+        return read_wav(wav)
+
+
+def read_wav(path: str | Path) -> np.ndarray:
+    """A PCM wav file (8/16/32-bit, any channels) -> mono float32 at 16 kHz, with the stdlib `wave` module."""
+    with wave.open(str(path), "rb") as fh:
+        rate, channels, width = fh.getframerate(), fh.getnchannels(), fh.getsampwidth()
+        raw = fh.readframes(fh.getnframes())
+    if width == 1:
+        samples = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
+    elif width in (2, 4):
+        dtype = np.int16 if width == 2 else np.int32
+        samples = np.frombuffer(raw, dtype).astype(np.float32) / float(np.iinfo(dtype).max + 1)
+    else:
+        raise ValueError(f"{path}: {8 * width}-bit wav is not supported")
+    samples = samples.reshape(-1, channels).mean(axis=1)
+    return resample_audio(samples, rate, SAMPLE_RATE)
+
+
+def silence(duration_s: float) -> np.ndarray:
+    """Digital silence at 16 kHz."""
+    return np.zeros(int(round(duration_s * SAMPLE_RATE)), np.float32)
+
+
+def noise(duration_s: float, *, level: float = 0.1, seed: int = 0) -> np.ndarray:
+    """White noise at 16 kHz with standard deviation `level`."""
+    rng = np.random.default_rng(seed)
+    n = int(round(duration_s * SAMPLE_RATE))
+    return np.clip(rng.normal(0.0, level, n), -1.0, 1.0).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- images
+
+
+def _fit(image: np.ndarray, size: tuple[int, int], box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """Crop `image` around `box` (or its centre) to the aspect of `size`, then scale to `size` (w, h)."""
+    if image.ndim == 2:
+        image = np.stack([image] * 3, axis=-1)
+    h, w = image.shape[:2]
+    out_w, out_h = size
+    aspect = out_w / out_h
+    if box is None:
+        cx, cy, span_h = w / 2, h / 2, min(h, w / aspect)
+    else:
+        bx, by, bw, bh = box
+        cx, cy = bx + bw / 2, by + bh / 2
+        span_h = min(h, w / aspect, 2.0 * bh)  # face about half the frame height: large enough for any detector
+    span_w = span_h * aspect
+    x0 = int(round(min(max(cx - span_w / 2, 0), w - span_w)))
+    y0 = int(round(min(max(cy - span_h / 2, 0), h - span_h)))
+    crop = image[y0 : y0 + int(span_h), x0 : x0 + int(span_w)]
+    interp = cv2.INTER_AREA if crop.shape[0] > out_h else cv2.INTER_CUBIC
+    return np.ascontiguousarray(cv2.resize(crop, (out_w, out_h), interpolation=interp))
+
+
+def face_image(kind: str = "astronaut", size: tuple[int, int] = DEFAULT_SIZE, *, index: int = 0) -> np.ndarray:
+    """A real face, uint8 RGB [h, w, 3] with `size` = (w, h).
+
+    kind "astronaut": scikit-image's astronaut (smiling), framed head-and-shoulders.
+    kind "lfw": thumbnail `index` of scikit-image's LFW subset (grey 25x25, upscaled), on a grey backdrop.
+    """
+    import skimage.data
+
+    if kind == "astronaut":
+        return _fit(skimage.data.astronaut(), size, _ASTRONAUT_FACE)
+    if kind == "lfw":
+        faces = skimage.data.lfw_subset()[:100]  # the first 100 are faces, the rest are not
+        if not 0 <= index < len(faces):
+            raise ValueError(f"lfw index must be in [0, {len(faces)})")
+        face = (faces[index] * 255).round().astype(np.uint8)
+        side = int(min(size) * 0.8)
+        canvas = np.full((size[1], size[0]), int(np.median(face)), np.uint8)
+        x0, y0 = (size[0] - side) // 2, (size[1] - side) // 2
+        canvas[y0 : y0 + side, x0 : x0 + side] = cv2.resize(face, (side, side), interpolation=cv2.INTER_CUBIC)
+        return np.stack([canvas] * 3, axis=-1)
+    raise ValueError(f"unknown face image {kind!r}; choose 'astronaut' or 'lfw'")
+
+
+def no_face_image(kind: str = "coffee", size: tuple[int, int] = DEFAULT_SIZE, *, seed: int = 0) -> np.ndarray:
+    """A scene with no face, uint8 RGB: scikit-image's "coffee" or "rocket" photo, or "noise" (seeded)."""
+    if kind == "noise":
+        rng = np.random.default_rng(seed)
+        return rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    import skimage.data
+
+    if kind not in ("coffee", "rocket"):
+        raise ValueError(f"unknown no-face image {kind!r}; choose 'coffee', 'rocket' or 'noise'")
+    return _fit(getattr(skimage.data, kind)(), size)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _even(n: int) -> int:
+    return max(2, n - n % 2)
+
+
+def _as_frames(frames: np.ndarray | Sequence[np.ndarray], n_frames: int | None) -> list[np.ndarray]:
+    """One image (repeated), an array [T, H, W, 3] or a list of images -> a list of RGB uint8 frames."""
+    if isinstance(frames, np.ndarray) and frames.ndim == 3:
+        frames = [frames] * (n_frames or 1)
+    frames = [np.asarray(f) for f in frames]
+    if not frames:
+        raise ValueError("no frames given")
+    out = []
+    for f in frames:
+        if f.ndim == 2:
+            f = np.stack([f] * 3, axis=-1)
+        if f.dtype != np.uint8 or f.ndim != 3 or f.shape[2] != 3:
+            raise ValueError(f"frames must be uint8 RGB [H, W, 3], got {f.dtype} {f.shape}")
+        out.append(f)
+    if any(f.shape != out[0].shape for f in out):
+        raise ValueError("all frames must have the same size")
+    return out
+
+
+def _audio_frames(audio: np.ndarray, sample_rate: int, chunk: int) -> list[av.AudioFrame]:
+    pcm = np.clip(audio, -1.0, 1.0).astype(np.float32)
+    frames = []
+    for start in range(0, len(pcm), chunk):
+        frame = av.AudioFrame.from_ndarray(pcm[None, start : start + chunk], format="flt", layout="mono")
+        frame.sample_rate = sample_rate
+        frame.pts = start
+        frame.time_base = Fraction(1, sample_rate)
+        frames.append(frame)
+    return frames
+
+
+def write_clip(
+    path: str | Path,
+    *,
+    audio: np.ndarray | None,
+    frames: np.ndarray | Sequence[np.ndarray] | None,
+    fps: int = DEFAULT_FPS,
+    sample_rate: int = SAMPLE_RATE,
+    duration_s: float | None = None,
+) -> Path:
+    """Write a media file with PyAV: h264 (yuv420p) + AAC in mp4/mkv/mov, or audio only (wav/flac/mp3/m4a).
+
+    `audio` is mono float32 at `sample_rate` (None: no audio stream). `frames` is one RGB image shown for the
+    whole clip, or an array [T, H, W, 3] / a list written as given at `fps` (None: audio-only file).
+    `duration_s` pads the audio with silence and cuts whatever is longer; by default the clip lasts as long
+    as the audio, or the frames, or 1 s.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if audio is None and frames is None:
+        raise ValueError("write_clip needs audio, frames or both")
+    if audio is not None:
+        audio = np.asarray(audio, dtype=np.float32).reshape(-1)
+    if duration_s is None:
+        if audio is not None:
+            duration_s = len(audio) / sample_rate
+        elif isinstance(frames, np.ndarray) and frames.ndim == 3:
+            duration_s = 1.0
+        else:
+            duration_s = len(frames) / fps  # type: ignore[arg-type]
+    if duration_s <= 0:
+        raise ValueError("duration_s must be > 0")
+    if audio is not None:
+        n = int(round(duration_s * sample_rate))
+        audio = np.pad(audio[:n], (0, max(0, n - len(audio))))
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    if frames is None:
+        codec = AUDIO_ONLY_CODECS.get(suffix)
+        if codec is None:
+            raise ValueError(f"audio-only files must end in one of {sorted(AUDIO_ONLY_CODECS)}, not {suffix!r}")
+        with av.open(str(path), mode="w") as container:
+            stream = container.add_stream(codec, rate=sample_rate, layout="mono")
+            for frame in _audio_frames(audio, sample_rate, 8192):  # type: ignore[arg-type]
+                container.mux(stream.encode(frame))
+            container.mux(stream.encode(None))
+        return path
+
+    if suffix not in VIDEO_CONTAINERS:
+        raise ValueError(f"video files must end in one of {sorted(VIDEO_CONTAINERS)}, not {suffix!r}")
+    n_frames = max(1, int(round(duration_s * fps)))
+    images = _as_frames(frames, n_frames)[:n_frames]
+    height, width = _even(images[0].shape[0]), _even(images[0].shape[1])  # yuv420p needs even sizes
+    with av.open(str(path), mode="w") as container:
+        video = container.add_stream("libx264", rate=fps)
+        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        video.options = {"preset": "ultrafast", "tune": "stillimage", "crf": "23"}
+        astream = container.add_stream("aac", rate=sample_rate, layout="mono") if audio is not None else None
+        # One audio chunk per video frame, muxed in time order, so the file is interleaved like a real one.
+        chunks = _audio_frames(audio, sample_rate, -(-sample_rate // fps)) if astream is not None else []
+        for i in range(max(len(images), len(chunks))):
+            if i < len(images):
+                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(images[i][:height, :width]), format="rgb24")
+                frame.pts = i
+                container.mux(video.encode(frame))
+            if i < len(chunks):
+                container.mux(astream.encode(chunks[i]))  # type: ignore[union-attr]
+        container.mux(video.encode(None))
+        if astream is not None:
+            container.mux(astream.encode(None))
+    return path
+
+
+AudioKind = Literal["speech", "silent", "noise"]
+
+
+def make_clip(
+    path: str | Path,
+    *,
+    text: str | None = None,
+    audio: AudioKind | None = "speech",
+    face: bool = True,
+    video: bool = True,
+    duration_s: float | None = None,
+    image: np.ndarray | None = None,
+    size: tuple[int, int] = DEFAULT_SIZE,
+    fps: int = DEFAULT_FPS,
+    pitch: int = 50,
+    speed: int = 160,
+    amplitude: int = 100,
+    voice: str = "en",
+    seed: int = 0,
+) -> Path:
+    """A small test clip: speech/silence/noise/no audio stream, with a face, a faceless scene or no video.
+
+    `text` implies speech (default text when audio="speech" and none is given). Speech clips last the speech
+    plus 0.3 s unless `duration_s` says otherwise; others last 2 s. `image` replaces the generated picture.
+    `video=False` writes an audio-only file (use a .wav/.flac/.m4a path).
+    """
+    if audio is None and not video:
+        raise ValueError("a clip needs audio or video")
+    if text is not None and audio not in ("speech", None):
+        raise ValueError(f"text given but audio={audio!r}; use audio='speech'")
+    samples: np.ndarray | None = None
+    if audio == "speech":
+        samples = speak(text or DEFAULT_TEXT, voice=voice, pitch=pitch, speed=speed, amplitude=amplitude)
+        duration_s = duration_s or len(samples) / SAMPLE_RATE + 0.3
+    duration_s = duration_s or 2.0
+    if audio == "silent":
+        samples = silence(duration_s)
+    elif audio == "noise":
+        samples = noise(duration_s, seed=seed)
+    elif audio is not None and audio != "speech":
+        raise ValueError(f"audio must be 'speech', 'silent', 'noise' or None, not {audio!r}")
+    picture = None
+    if video:
+        picture = image if image is not None else (face_image(size=size) if face else no_face_image(size=size))
+    return write_clip(path, audio=samples, frames=picture, fps=fps, duration_s=duration_s)
+
+
+def corrupt_file(path: str | Path, *, keep_bytes: int = 64, seed: int = 0) -> Path:
+    """Keep the first `keep_bytes` of `path` (a valid header) and replace the rest with random bytes.
+
+    When `path` does not exist a small clip is written first, so the result always starts like real media.
+    """
+    path = Path(path)
+    if not path.exists():
+        make_clip(path, audio="noise", face=False, duration_s=1.0)
+    data = path.read_bytes()
+    rng = np.random.default_rng(seed)
+    garbage = rng.integers(0, 256, max(len(data) - keep_bytes, 1024), dtype=np.uint8).tobytes()
+    path.write_bytes(data[:keep_bytes] + garbage)
+    return path
+
+
+def corrupt_packets(path: str | Path, stream: Literal["audio", "video"] = "audio", *, start: float = 0.5,
+                    count: int = 5, seed: int = 0) -> Path:
+    """Overwrite `count` packets of one stream, from `start` (fraction of its packets) on, with random bytes.
+
+    The container stays intact, so the file opens and the other stream decodes; this stream fails mid-way.
+    """
+    path = Path(path)
+    with av.open(str(path)) as container:
+        streams = container.streams.audio if stream == "audio" else container.streams.video
+        if not streams:
+            raise ValueError(f"{path} has no {stream} stream")
+        packets = [(p.pos, p.size) for p in container.demux(streams[0]) if p.size and p.pos is not None]
+    data = bytearray(path.read_bytes())
+    rng = np.random.default_rng(seed)
+    first = int(len(packets) * start)
+    for pos, size in packets[first : first + count]:
+        data[pos : pos + size] = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+    return path
+
+
+def truncate_file(path: str | Path, *, fraction: float = 0.5) -> Path:
+    """Cut `path` to `fraction` of its size (a download that stopped half-way)."""
+    path = Path(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * fraction)])
+    return path
