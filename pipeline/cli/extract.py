@@ -1,0 +1,222 @@
+"""comp-extract: turn a folder of clips (or a manifest) into a feature store, resumably.
+
+Exit status: 0 when the run finished (clips that failed are recorded in the store and the failures file,
+they do not fail the run); 2 for a systemic failure (no inputs, unwritable output, a store of another spec,
+a model or setting that cannot be used), with one line on stderr (the traceback too with -v).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from pipeline.configuration import ConfigError, apply_overrides, dump_yaml
+
+EPILOG = """examples:
+  comp-extract videos/ --out feats.h5 --preset offline
+      every clip below videos/ (mp4 mkv avi mov webm; wav flac mp3 as audio-only), with models that ship in pip packages
+  comp-extract videos/ --out feats.h5 --labels-from-folders
+      videos/angry/a.mp4 gets label "angry"; the default preset loads Whisper, wav2vec2 and DeBERTa from the hub
+  comp-extract media/ --manifest clips.csv --out feats.h5 --device cuda --batch-size 16
+      columns: path (relative to media/), and optionally id, label, value, conversation, position, speaker, split, fold
+  comp-extract videos/ --out feats.h5 --set decode.fps=4 --set audio.config.layers=last
+      change one setting; a different setting is a different spec, so write to a new file or pass --overwrite
+  comp-extract videos/ --out feats.h5 --retry-failed
+      rerun only the clips recorded as errors (a plain rerun resumes an interrupted run)
+  comp-extract --preset offline --print-config > my-extract.yaml
+      write the resolved settings, edit them, then use --config my-extract.yaml
+"""
+
+log = logging.getLogger("comp-extract")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="comp-extract",
+        description="Decode clips, run ASR and the audio/text/face encoders, and write one feature store "
+                    "(HDF5) with every missing modality and its reason. Rerunning the same command resumes.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=EPILOG,
+    )
+    p.add_argument("input", nargs="?", metavar="INPUT",
+                   help="a folder of clips (searched recursively), one media file, or the root the manifest's "
+                        "paths are relative to")
+    p.add_argument("--out", metavar="FEATS.h5", help="the feature store to write or resume")
+    p.add_argument("--manifest", metavar="CSV", help="CSV listing the clips (column 'path' required)")
+    p.add_argument("--labels-from-folders", action="store_true",
+                   help="label each clip with the name of the folder that holds it")
+    p.add_argument("--task", choices=["auto", "classification", "regression"], default="auto",
+                   help="auto: regression when the manifest has values, else classification")
+    p.add_argument("--preset", default="default",
+                   help="named settings in configs/extract-<name>.yaml: default (hub models) or offline "
+                        "(weights from pip packages)")
+    p.add_argument("--config", metavar="FILE", help="a YAML extraction config (replaces --preset)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one setting, e.g. decode.fps=4 or visual.config.min_face_frames=3 (repeatable)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--batch-size", type=int, help="clips per model batch (default: from the config)")
+    p.add_argument("--num-workers", type=int, help="decoding threads ahead of the models (default: from the config)")
+    p.add_argument("--overwrite", action="store_true", help="discard an existing store at --out and start fresh")
+    p.add_argument("--retry-failed", action="store_true", help="redo the clips recorded with status error")
+    verbosity = p.add_mutually_exclusive_group()
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="only warnings and the summary; no progress bar")
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
+    p.add_argument("--log-file", metavar="FILE", help="also write the full (debug) log here")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    return p
+
+
+def _setup_logging(args: argparse.Namespace) -> list[logging.Handler]:
+    """Console (and file) handlers on the root logger; returned so that `main` can remove them again."""
+    level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG)
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(level)
+    console.setFormatter(logging.Formatter("%(levelname)s %(message)s" if not args.verbose
+                                           else "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(console)
+    if args.log_file:
+        Path(args.log_file).parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(args.log_file, encoding="utf-8")
+        handler.setLevel(logging.DEBUG)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    handlers = root.handlers[-2:] if args.log_file else root.handlers[-1:]
+    for noisy in ("urllib3", "filelock", "h5py", "numba", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not args.verbose:  # model-loading bars of transformers would break ours
+        with contextlib.suppress(Exception):
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+    return handlers
+
+
+def _resolve_config(args: argparse.Namespace):
+    from pipeline.extract_config import (STAGE_NAMES, StageConfig, load_config, load_preset,
+                                         with_stage_defaults)
+
+    cfg = load_config(args.config) if args.config else load_preset(args.preset)
+    overrides = list(args.overrides)
+    if args.batch_size is not None:
+        overrides.append(f"batch_size={args.batch_size}")
+    if args.num_workers is not None:
+        overrides.append(f"num_workers={args.num_workers}")
+    # Plugins and extractor names first (another extractor starts from its own defaults), then every
+    # extractor key is filled in so that --set can reach each of them.
+    first = [o for o in overrides if _key(o) == "plugins" or _key(o).endswith(".name")]
+    cfg = apply_overrides(cfg, first)
+    renamed = {_key(o).split(".")[0] for o in first if _key(o).endswith(".name")}
+    cfg = replace(cfg, **{s: StageConfig(cfg.stage(s).name, {}) for s in renamed if s in STAGE_NAMES})
+    cfg = with_stage_defaults(cfg)
+    return apply_overrides(cfg, [o for o in overrides if o not in first])
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].strip()
+
+
+class _Bar:
+    """tqdm progress bar driven by the library's progress hook; a log line now and then when not on a terminal."""
+
+    LOG_EVERY_S = 30.0
+
+    def __init__(self, enabled: bool, tty: bool) -> None:
+        self.enabled = enabled and tty
+        self.log_lines = enabled and not tty
+        self.bar = None
+        self.start = time.perf_counter()
+        self.last_log = self.start
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if self.log_lines:
+            now = time.perf_counter()
+            if done == total or now - self.last_log >= self.LOG_EVERY_S:
+                self.last_log = now
+                rate = done / (now - self.start) if now > self.start else 0.0
+                log.info("%d/%d clips, %.2f clips/s", done, total, rate)
+            return
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="clip", desc="extracting", dynamic_ncols=True, smoothing=0.1)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    root = logging.getLogger()
+    old_level = root.level
+    handlers = _setup_logging(args)
+    try:
+        return _run(args, parser)
+    except KeyboardInterrupt:
+        print("comp-extract: interrupted; what was extracted is saved, rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+    except Exception as err:  # systemic failure: one clear line, the traceback only with -v
+        from pipeline.extract import ExtractionError
+        from pipeline.inputs import InputError
+        from pipeline.store import StoreError
+
+        known = (ConfigError, InputError, StoreError, ExtractionError)
+        if args.verbose or not isinstance(err, known):
+            log.error("traceback:", exc_info=True)
+        print(f"comp-extract: error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        for handler in handlers:
+            root.removeHandler(handler)
+            handler.close()
+        root.setLevel(old_level)
+
+
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    cfg = _resolve_config(args)
+    if args.print_config:
+        sys.stdout.write(dump_yaml(cfg))
+        return 0
+    if args.input is None or args.out is None:
+        parser.error("INPUT and --out are required (unless --print-config)")
+
+    from pipeline.extract import check_writable, resolve_device, run_extraction
+    from pipeline.inputs import collect_inputs
+
+    items = collect_inputs(args.input, manifest=args.manifest, labels_from_folders=args.labels_from_folders)
+    check_writable(args.out)
+    device = resolve_device(args.device)
+    log.info("%d clips from %s; device %s; writing %s", len(items), args.manifest or args.input, device, args.out)
+    bar = _Bar(enabled=not args.quiet, tty=sys.stderr.isatty())
+    redirect = contextlib.nullcontext()
+    if bar.enabled:
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        redirect = logging_redirect_tqdm()
+    try:
+        with redirect:
+            summary = run_extraction(items, args.out, cfg, device=device, overwrite=args.overwrite,
+                                     retry_failed=args.retry_failed, progress=bar,
+                                     task=None if args.task == "auto" else args.task)
+    finally:
+        bar.close()
+    print(summary.table())
+    if args.log_file:
+        print(f"log        {args.log_file}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,540 @@
+"""The extraction run: clips -> decode -> asr -> audio -> text -> visual -> one store row per clip.
+
+`Extraction` holds the loaded extractors (models are loaded once) and turns clips into `ClipRecord`s;
+comp-extract (`run_extraction`) and comp-predict run the same code. Decoding runs in a thread pool ahead of
+the models (PyAV releases the GIL while it decodes); the models run in the calling thread on batches of
+clips of similar duration; one writer (the caller) journals every batch and commits every `commit_every`
+clips through `StoreWriter`, so a run killed at any moment is finished by rerunning the same command.
+
+A clip never stops the run: a decode failure or an extractor exception makes that clip's row
+`status="error"` with every modality absent and the reason recorded ("decode-error: ...",
+"extractor-error: <stage>: ..."); the traceback goes to the debug log.
+
+The extraction spec stored in the file (and in checkpoints) is::
+
+    {"schema_version": 1, "decode": {...DecodeConfig...}, "plugins": [...],
+     "asr"|"audio"|"text"|"visual": {"name": <registered name>, "config": {...resolved extractor config...},
+                                      "spec": <extractor.spec()>}}
+
+`Extraction.from_spec` rebuilds the extractors from it and refuses when the rebuilt spec hashes differently.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import threading
+import time
+import traceback
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from extractors.base import ClipInput, Extractor, ExtractorOutput, ProgressHook
+from pipeline.configuration import ConfigError, from_dict, to_dict
+from pipeline.decode import DecodeConfig, DecodeError, decode_clip
+from pipeline.extract_config import (STAGE_NAMES, ExtractionConfig, StageConfig, extractor_class,
+                                     extractor_config, import_plugins)
+from pipeline.inputs import ClipItem, InputError, check_unique_ids, infer_task
+from pipeline.store import (MODALITIES, SCHEMA_VERSION, ClipRecord, ModalityInfo, ModalityValue, StoreError,
+                            StoreHeader, StoreWriter, read_store, spec_hash)
+
+log = logging.getLogger(__name__)
+
+MAX_REASON_CHARS = 300  # ffmpeg and exception texts can be long; a reason is a short code plus detail
+BUFFER_BATCHES = 2  # decoded clips held back (in batches) so that a batch groups clips of similar duration
+FAILURES_SUFFIX = ".failures.csv"
+
+
+class ExtractionError(RuntimeError):
+    """A systemic failure: a model that cannot be loaded, or a stored spec that cannot be honoured."""
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """`auto` -> the first CUDA device when there is one, else the CPU; `cuda:N` is checked to exist."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ExtractionError(f"device {device!r} is not valid; use auto, cpu, cuda or cuda:N") from err
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ExtractionError(f"device {device!r} asked for, but no CUDA device is available; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ExtractionError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def _short(text: str) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 3] + "..."
+
+
+@dataclass
+class _Decoded:
+    item: ClipItem
+    clip: ClipInput | None
+    error: str  # "" when decoded
+    seconds: float = 0.0  # decoding time of this clip
+
+
+class Extraction:
+    """Loaded extractors for all four stages plus the decode settings: clips in, store rows out."""
+
+    def __init__(self, cfg: ExtractionConfig, extractors: Mapping[str, Extractor],
+                 device: torch.device | str = "cpu") -> None:
+        self.cfg = cfg
+        self.extractors = dict(extractors)
+        self.device = torch.device(device)
+        self.spec: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
+            "decode": to_dict(cfg.decode),
+            "plugins": list(cfg.plugins),
+            **{s: {"name": cfg.stage(s).name, "config": to_dict(self.extractors[s].config),
+                   "spec": self.extractors[s].spec()} for s in STAGE_NAMES},
+        }
+        self.spec_hash = spec_hash(self.spec)
+        self.header_modalities: dict[str, ModalityInfo] = {}
+        for m in MODALITIES:
+            ext = self.extractors[m]
+            info = ext.info()
+            self.header_modalities[m] = ModalityInfo(dim=int(ext.feature_dim), encoder=info.get("encoder", ""),
+                                                     layers=info.get("layers", ""),
+                                                     pooling=info.get("pooling", ""))
+        self.seconds: dict[str, float] = defaultdict(float)  # time per stage, accumulated over calls
+        self._lock = threading.Lock()
+
+    # ----------------------------------------------------------------------------------- building
+    @classmethod
+    def from_config(cls, cfg: ExtractionConfig, device: torch.device | str = "cpu") -> "Extraction":
+        """Load every stage's extractor (models load here, once)."""
+        device = resolve_device(device)
+        import_plugins(cfg.plugins)
+        extractors = {}
+        for stage in STAGE_NAMES:
+            sc = cfg.stage(stage)
+            extractor_cls = extractor_class(stage, sc.name)  # ConfigError on an unknown name
+            ecfg = extractor_config(stage, sc)  # ConfigError on a bad key or value
+            t0 = time.perf_counter()
+            try:
+                extractors[stage] = extractor_cls(ecfg, device)
+            except (ConfigError, ExtractionError):
+                raise
+            except Exception as err:
+                log.debug("loading %s extractor %r failed", stage, sc.name, exc_info=True)
+                raise ExtractionError(f"cannot load the {stage} extractor {sc.name!r}: "
+                                      f"{type(err).__name__}: {err}") from err
+            log.info("loaded %s extractor %s in %.1f s", stage, sc.name, time.perf_counter() - t0)
+        return cls(cfg, extractors, device)
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any], device: torch.device | str = "cpu", *,
+                  batch_size: int = 8, num_workers: int = 2) -> "Extraction":
+        """Rebuild the extractors a stored extraction spec describes; refuse if they would differ."""
+        if spec.get("schema_version") != SCHEMA_VERSION:
+            raise ExtractionError(f"the extraction spec has schema_version {spec.get('schema_version')!r}; "
+                                  f"this comp-mer honours {SCHEMA_VERSION}")
+        try:
+            import_plugins(spec.get("plugins", []))
+            cfg = ExtractionConfig(
+                decode=from_dict(DecodeConfig, spec["decode"], "decode"),
+                **{s: StageConfig(spec[s]["name"], dict(spec[s]["config"])) for s in STAGE_NAMES},
+                batch_size=batch_size, num_workers=num_workers, plugins=tuple(spec.get("plugins", [])),
+            )
+            for s in STAGE_NAMES:
+                extractor_config(s, cfg.stage(s))
+        except (ConfigError, KeyError, TypeError) as err:
+            raise ExtractionError(f"the stored extraction spec cannot be honoured: {err}") from err
+        extraction = cls.from_config(cfg, device)
+        if extraction.spec_hash != spec_hash(spec):
+            differ = [k for k in sorted(set(spec) | set(extraction.spec)) if spec.get(k) != extraction.spec.get(k)]
+            details = "; ".join(f"{k}: stored {spec.get(k)!r} vs here {extraction.spec.get(k)!r}"
+                                for k in differ)
+            raise ExtractionError("the extractors available here do not reproduce the stored extraction spec "
+                                  f"(different {', '.join(differ)}): {_short(details)}")
+        return extraction
+
+    # ----------------------------------------------------------------------------------- running
+    def extract_paths(self, items: Sequence[ClipItem], progress: ProgressHook | None = None
+                      ) -> Iterator[ClipRecord]:
+        """One record per clip (order: grouped by size for batching, not input order)."""
+        for records in self.extract_batches(items, progress):
+            yield from records
+
+    def extract_batches(self, items: Sequence[ClipItem], progress: ProgressHook | None = None
+                        ) -> Iterator[list[ClipRecord]]:
+        """Records batch by batch; `progress("clips", done, total)` after each batch."""
+        total, done = len(items), 0
+        for batch in self._batches(items):
+            records = self.run_batch(batch)
+            done += len(records)
+            yield records
+            if progress is not None:
+                progress("clips", done, total)
+
+    def run_batch(self, batch: Sequence[_Decoded]) -> list[ClipRecord]:
+        """Run the four stages on a batch of decoded clips (decode failures pass through as errors)."""
+        errors: dict[int, str] = {i: d.error for i, d in enumerate(batch) if d.clip is None}
+        outputs: dict[str, dict[int, ExtractorOutput]] = {s: {} for s in STAGE_NAMES}
+        for stage in STAGE_NAMES:
+            live = [i for i in range(len(batch)) if i not in errors]
+            if not live:
+                break
+            results = self._run_stage(stage, [batch[i] for i in live])
+            for i, result in zip(live, results):
+                if isinstance(result, str):
+                    errors[i] = result
+                    continue
+                outputs[stage][i] = result
+                if stage == "asr":
+                    _apply_asr(batch[i].clip, result)
+        records = []
+        for i, d in enumerate(batch):
+            if i in errors:
+                records.append(_error_record(d.item, errors[i], d.clip))
+            else:
+                records.append(self._record(d, {s: outputs[s][i] for s in STAGE_NAMES}))
+        for d in batch:  # free decoded media and cached encoder states as soon as the batch is done
+            if d.clip is not None:
+                d.clip.shared.clear()
+        return records
+
+    def _run_stage(self, stage: str, batch: Sequence[_Decoded]) -> list[ExtractorOutput | str]:
+        """Outputs of one stage, or an error reason per clip. A failing batch is retried clip by clip."""
+        extractor = self.extractors[stage]
+        clips = [d.clip for d in batch]
+        t0 = time.perf_counter()
+        try:
+            outputs = extractor.extract(clips)
+            if len(outputs) != len(clips):
+                raise RuntimeError(f"returned {len(outputs)} outputs for {len(clips)} clips")
+        except Exception as err:
+            if len(batch) > 1:
+                log.warning("%s extractor failed on a batch of %d clips (%s: %s); retrying clip by clip",
+                            stage, len(batch), type(err).__name__, _short(str(err)))
+                self.seconds[stage] += time.perf_counter() - t0
+                return [r for d in batch for r in self._run_stage(stage, [d])]
+            log.warning("skipping %s: %s extractor failed: %s: %s", batch[0].item.id, stage,
+                        type(err).__name__, _short(str(err)))
+            log.debug("traceback for %s (%s):\n%s", batch[0].item.id, stage, traceback.format_exc())
+            self.seconds[stage] += time.perf_counter() - t0
+            return [f"extractor-error: {stage}: {_short(f'{type(err).__name__}: {err}')}"]
+        self.seconds[stage] += time.perf_counter() - t0
+        return [self._checked(stage, d.item.id, out) for d, out in zip(batch, outputs)]
+
+    def _checked(self, stage: str, clip_id: str, out: ExtractorOutput) -> ExtractorOutput | str:
+        """The output, or an error reason when it breaks the contract (wrong dim, NaN, no reason)."""
+        if stage == "asr":
+            return out
+        if out.features is None:
+            if not out.reason:
+                return f"extractor-error: {stage}: absent without a reason"
+            return out
+        vec = np.asarray(out.features, dtype=np.float32).reshape(-1)
+        dim = self.extractors[stage].feature_dim
+        if vec.shape[0] != dim:
+            return f"extractor-error: {stage}: vector of dim {vec.shape[0]}, expected {dim}"
+        if not np.all(np.isfinite(vec)):
+            log.warning("skipping %s: %s extractor produced non-finite values", clip_id, stage)
+            return f"extractor-error: {stage}: non-finite values"
+        return ExtractorOutput(features=vec, reason="", diagnostics=out.diagnostics, transcript=out.transcript)
+
+    def _record(self, d: _Decoded, outputs: Mapping[str, ExtractorOutput]) -> ClipRecord:
+        clip, item = d.clip, d.item
+        assert clip is not None
+        diagnostics: dict[str, float] = {}
+        for stage in STAGE_NAMES:
+            for key, value in outputs[stage].diagnostics.items():
+                try:
+                    diagnostics[key] = float(value)
+                except (TypeError, ValueError):
+                    log.debug("%s: diagnostic %s=%r is not a number; dropped", item.id, key, value)
+        if clip.frames is not None:
+            diagnostics.setdefault("frames_sampled", float(len(clip.frames)))
+        diagnostics["decode_ms"] = d.seconds * 1e3
+        return ClipRecord(
+            id=item.id, source=item.source, conversation=item.conversation, position=item.position,
+            speaker=item.speaker, label=item.label, value=item.value, split=item.split, fold=item.fold,
+            duration_s=float(clip.duration_s), transcript=clip.transcript or "", status="ok",
+            modalities={m: ModalityValue(outputs[m].features, "" if outputs[m].features is not None
+                                         else _short(outputs[m].reason)) for m in MODALITIES},
+            diagnostics=diagnostics,
+        )
+
+    # ----------------------------------------------------------------------------------- decoding
+    def _decode(self, item: ClipItem) -> _Decoded:
+        """Decode one clip; never raises (a failure becomes the clip's error reason)."""
+        t0 = time.perf_counter()
+        try:
+            clip = decode_clip(item.path, item.id, self.cfg.decode)
+            result = _Decoded(item, clip, "")
+        except Exception as err:  # DecodeError, and anything a broken file makes the decoder raise
+            text = str(err) if isinstance(err, DecodeError) else f"{type(err).__name__}: {err}"
+            log.warning("skipping %s: cannot decode %s: %s", item.id, item.path, _short(text))
+            if not isinstance(err, DecodeError):
+                log.debug("traceback for %s (decode):\n%s", item.id, traceback.format_exc())
+            result = _Decoded(item, None, f"decode-error: {_short(text)}")
+        result.seconds = time.perf_counter() - t0
+        with self._lock:  # decoding threads add up their time here
+            self.seconds["decode"] += result.seconds
+        return result
+
+    def _decoded(self, items: Sequence[ClipItem]) -> Iterator[_Decoded]:
+        """Decoded clips in `items` order; with workers, up to a window of clips is decoded ahead."""
+        workers = self.cfg.num_workers
+        if workers == 0:
+            for item in items:
+                yield self._decode(item)
+            return
+        ahead = workers + self.cfg.batch_size * BUFFER_BATCHES
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
+        try:
+            pending: list[Future] = []
+            queue = iter(items)
+            for item in queue:
+                pending.append(pool.submit(self._decode, item))
+                if len(pending) >= ahead:
+                    break
+            while pending:
+                future = pending.pop(0)
+                t0 = time.perf_counter()
+                decoded = future.result()
+                self.seconds["decode-wait"] += time.perf_counter() - t0
+                nxt = next(queue, None)
+                if nxt is not None:
+                    pending.append(pool.submit(self._decode, nxt))
+                yield decoded
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _batches(self, items: Sequence[ClipItem]) -> Iterator[list[_Decoded]]:
+        """Batches of similar duration: files go in by size, and a small buffer is sorted by duration."""
+        ordered = sorted(items, key=_file_size)
+        size = self.cfg.batch_size
+        buffer: list[_Decoded] = []
+        failed: list[_Decoded] = []
+        for decoded in self._decoded(ordered):
+            if decoded.clip is None:
+                failed.append(decoded)  # nothing to batch: emitted with the next batch
+                if len(failed) >= size:
+                    yield failed
+                    failed = []
+                continue
+            buffer.append(decoded)
+            if len(buffer) >= size * BUFFER_BATCHES:
+                buffer.sort(key=lambda d: d.clip.duration_s)
+                yield failed + buffer[:size]
+                failed, buffer = [], buffer[size:]
+        buffer.sort(key=lambda d: d.clip.duration_s)
+        for start in range(0, len(buffer), size):
+            yield failed + buffer[start:start + size]
+            failed = []
+        if failed:
+            yield failed
+
+
+def _file_size(item: ClipItem) -> int:
+    try:
+        return item.path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _apply_asr(clip: ClipInput, out: ExtractorOutput) -> None:
+    """Make the ASR result visible to the later stages (if the extractor did not set it itself)."""
+    if clip.transcript is None:
+        clip.transcript = out.transcript if out.transcript is not None else ""
+    if not clip.text_reason and out.reason:
+        clip.text_reason = out.reason
+    if not clip.transcript.strip() and not clip.text_reason:
+        clip.text_reason = "asr-empty"
+
+
+def _error_record(item: ClipItem, reason: str, clip: ClipInput | None) -> ClipRecord:
+    duration = float(clip.duration_s) if clip is not None else math.nan
+    return ClipRecord(
+        id=item.id, source=item.source, conversation=item.conversation, position=item.position,
+        speaker=item.speaker, label=item.label, value=item.value, split=item.split, fold=item.fold,
+        duration_s=duration, transcript="", status="error",
+        modalities={m: ModalityValue(None, reason) for m in MODALITIES},
+    )
+
+
+# ----------------------------------------------------------------------------------------------- the run
+
+@dataclass
+class ExtractionSummary:
+    """What a run did and what the store now holds for its inputs."""
+
+    store: Path
+    clips: int  # clips in the inputs
+    processed: int  # extracted by this run
+    skipped: int  # already in the store or its journal
+    ok: int
+    error: int
+    present: dict[str, int]
+    missing: dict[str, dict[str, int]]  # modality -> reason code -> clips (over the inputs, errors included)
+    wall_s: float
+    media_s: float  # duration of the clips processed by this run
+    stage_s: dict[str, float] = field(default_factory=dict)
+    failures_path: Path | None = None
+
+    @property
+    def clips_per_s(self) -> float:
+        return self.processed / self.wall_s if self.wall_s > 0 else math.nan
+
+    @property
+    def real_time_factor(self) -> float:
+        return self.wall_s / self.media_s if self.media_s > 0 else math.nan
+
+    def table(self) -> str:
+        """The end-of-run summary as a plain-text table."""
+        lines = [f"store      {self.store}",
+                 f"clips      {self.clips} in the inputs: {self.ok} ok, {self.error} error"
+                 f"  (this run: {self.processed} extracted, {self.skipped} already done)"]
+        lines.append(f"{'modality':<10} {'present':>8} {'missing':>8}  reasons")
+        for m in MODALITIES:
+            reasons = self.missing.get(m, {})
+            detail = ", ".join(f"{r} {n}" for r, n in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))
+            lines.append(f"{m:<10} {self.present.get(m, 0):>8} {sum(reasons.values()):>8}  {detail or '-'}")
+        speed = f"{self.clips_per_s:.2f} clips/s" if self.processed else "nothing to do"
+        rtf = f", real-time factor {self.real_time_factor:.2f}" if self.processed and self.media_s > 0 else ""
+        lines.append(f"time       {self.wall_s:.1f} s, {speed}{rtf}")
+        if self.processed and self.stage_s:
+            order = ("decode", "decode-wait", *STAGE_NAMES, "write")
+            parts = [f"{k} {self.stage_s[k]:.1f} s" for k in order if self.stage_s.get(k, 0.0) > 0]
+            lines.append(f"stages     {', '.join(parts)}  (decode runs in threads, beside the models)")
+        if self.failures_path is not None:
+            lines.append(f"failures   {self.failures_path}")
+        return "\n".join(lines)
+
+
+def failures_path_for(store: str | Path) -> Path:
+    store = Path(store)
+    return store.with_name(store.name + FAILURES_SUFFIX)
+
+
+def check_writable(out_path: str | Path) -> None:
+    """Fail early (before models load) when the store's folder cannot be written."""
+    out = Path(out_path)
+    if out.exists() and out.is_dir():
+        raise StoreError(f"{out} is a folder; --out needs a file name such as feats.h5")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = out.with_name(f".{out.name}.{uuid.uuid4().hex}.probe")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise StoreError(f"cannot write to {out.parent}: {err.strerror or err}") from err
+
+
+def run_extraction(items: Sequence[ClipItem], out_path: str | Path, cfg: ExtractionConfig, *,
+                   device: torch.device | str = "cpu", overwrite: bool = False, retry_failed: bool = False,
+                   progress: ProgressHook | None = None, task: str | None = None,
+                   extraction: Extraction | None = None) -> ExtractionSummary:
+    """Extract `items` into the store at `out_path`, resuming whatever an earlier run of the same spec left.
+
+    Raises InputError (no or duplicate clips), StoreError (unwritable output, a store of another spec),
+    ExtractionError / ConfigError (a model or setting that cannot be used). Per-clip failures never raise.
+    """
+    t_start = time.perf_counter()
+    items = list(items)
+    if not items:
+        raise InputError("no clips to extract")
+    check_unique_ids(items)
+    task, label_names = infer_task(items, task)
+    out_path = Path(out_path)
+    check_writable(out_path)
+    if extraction is None:
+        extraction = Extraction.from_config(cfg, device)
+    header = StoreHeader(task=task, label_names=label_names, modalities=extraction.header_modalities,
+                         extraction_spec=extraction.spec)
+    writer = StoreWriter(out_path, header, overwrite=overwrite)
+    recovered = writer.commit()  # rows a killed run journaled become part of the store now
+    if recovered:
+        log.info("recovered %d rows journaled by an interrupted run", recovered)
+    known = writer.known_status()
+    todo = [it for it in items if it.id not in known or (retry_failed and known[it.id] == "error")]
+    skipped = len(items) - len(todo)
+    if skipped:
+        log.info("%d of %d clips already in %s; extracting %d", skipped, len(items), out_path, len(todo))
+    seconds_before = dict(extraction.seconds)
+    media_s = 0.0
+    since_commit = 0
+    done = 0
+    if progress is not None:
+        progress("clips", 0, len(todo))
+    try:
+        for records in extraction.extract_batches(todo):
+            t0 = time.perf_counter()
+            writer.add(records)
+            since_commit += len(records)
+            if since_commit >= cfg.commit_every:
+                writer.commit()
+                since_commit = 0
+            extraction.seconds["write"] += time.perf_counter() - t0
+            media_s += sum(r.duration_s for r in records if math.isfinite(r.duration_s))
+            done += len(records)
+            if progress is not None:
+                progress("clips", done, len(todo))
+    finally:
+        t0 = time.perf_counter()
+        writer.close()  # commits what is journaled, also on Ctrl-C
+        extraction.seconds["write"] += time.perf_counter() - t0
+    summary = _summarize(out_path, items, processed=len(todo), skipped=skipped,
+                         wall_s=time.perf_counter() - t_start, media_s=media_s,
+                         stage_s={k: v - seconds_before.get(k, 0.0) for k, v in extraction.seconds.items()})
+    log.info("done: %d ok, %d error; %s", summary.ok, summary.error,
+             f"failures in {summary.failures_path}" if summary.failures_path else "no failures")
+    return summary
+
+
+def _reason_code(reason: str) -> str:
+    return reason.split(":", 1)[0].strip() or "unknown"
+
+
+def _summarize(store: Path, items: Sequence[ClipItem], *, processed: int, skipped: int, wall_s: float,
+               media_s: float, stage_s: dict[str, float]) -> ExtractionSummary:
+    data = read_store(store, include_pending_warning=False)
+    wanted = {it.id for it in items}
+    rows = np.array([i for i, clip_id in enumerate(data.ids) if clip_id in wanted], dtype=np.int64)
+    data = data.subset(rows)
+    present = {m: int(data.present[m].sum()) for m in MODALITIES}
+    missing = {m: dict(Counter(_reason_code(r) for r, p in zip(data.reason[m], data.present[m]) if not p))
+               for m in MODALITIES}
+    failures = write_failures(failures_path_for(store), data)
+    return ExtractionSummary(store=store, clips=len(items), processed=processed, skipped=skipped,
+                             ok=int((data.status == "ok").sum()), error=int((data.status == "error").sum()),
+                             present=present, missing=missing, wall_s=wall_s, media_s=media_s,
+                             stage_s=stage_s, failures_path=failures)
+
+
+def write_failures(path: Path, data: Any) -> Path | None:
+    """`<store>.failures.csv`: one line per error clip and per absent modality; None (and no file) if none."""
+    rows = []
+    for i, clip_id in enumerate(data.ids):
+        for m in MODALITIES:
+            if not data.present[m][i]:
+                rows.append((clip_id, data.source[i], data.status[i], m, data.reason[m][i]))
+    if not rows:
+        path.unlink(missing_ok=True)
+        return None
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        out = csv.writer(fh)
+        out.writerow(("id", "source", "status", "modality", "reason"))
+        out.writerows(rows)
+    os.replace(tmp, path)
+    return path
