@@ -31,15 +31,18 @@ class Quirks:
     test_selection: bool | None = None  # §9.12: pick the epoch on the test set, redraw test masks per batch
     fuse_absent: bool | None = None  # §9.14: stage-2 fusion uses KP outputs of absent modalities
     unused_params: bool | None = None  # §9.16: build the never-used modules (parameter count parity)
+    # §5.2: L_rec rebuilds the undetached projected embedding over every slot (missing and padded ones too);
+    # off: rebuild the input features of present utterances only, scale-free (relative MSE)
+    projected_reconstruction: bool | None = None
 
     FAITHFUL = dict(gradient_modulator=False, modulator_error="class_index", prompt_mask=False,
                     batch_prototypes=True, outer_prompt_mlp=False, stage1_reconstruction=False,
                     disentangle=True, private_a_for_all=True, double_unimodal_loss=True, test_selection=True,
-                    fuse_absent=True, unused_params=True)
+                    fuse_absent=True, unused_params=True, projected_reconstruction=True)
     CLEAN = dict(gradient_modulator=True, modulator_error="true_class_prob", prompt_mask=True,
                  batch_prototypes=False, outer_prompt_mlp=True, stage1_reconstruction=True,
                  disentangle=False, private_a_for_all=False, double_unimodal_loss=False, test_selection=False,
-                 fuse_absent=True, unused_params=False)
+                 fuse_absent=True, unused_params=False, projected_reconstruction=False)
 
     def resolve(self, variant: str) -> "Quirks":
         """All switches set: explicit values win, the rest come from the variant."""
@@ -62,6 +65,7 @@ class ModelConfig:
     momentum: float = 0.3  # lambda of eq. 9
     max_len: int = 150  # S: faithful pads every conversation to this length (time-axis prototype MLP)
     prototype_ema: float = 0.99  # clean: decay of the prototype bank kept in the model for inference
+    modulator_max: float = 2.0  # clean: per-instance modulator weights are clipped to [0, modulator_max]
     quirks: Quirks = field(default_factory=Quirks)
 
     def __post_init__(self) -> None:
@@ -71,6 +75,10 @@ class ModelConfig:
             raise ValueError("depth must be an even number >= 2 (two knowledge-propagation blocks)")
         if self.hidden % self.heads:
             raise ValueError("hidden must be divisible by heads")
+        if not 0.0 <= self.prototype_ema < 1.0:
+            raise ValueError("prototype_ema must be in [0, 1)")
+        if self.modulator_max <= 0:
+            raise ValueError("modulator_max must be > 0")
 
     @property
     def resolved(self) -> Quirks:
@@ -95,6 +103,10 @@ class TrainConfig:
     test_fraction: float = 0.2  # of conversations, only when the store has neither splits nor folds
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # mixed precision on CUDA (ignored on CPU)
+    amp_dtype: Literal["bf16", "fp16"] = "bf16"  # fp16 adds a GradScaler; bf16 needs none
+    deterministic: bool = True  # deterministic kernels (bit-identical reruns on CPU); TF32 off on CUDA
+    selection_metric: str = ""  # metric that picks the epoch; "" = the task's primary metric (comp.metrics)
+    save_run_checkpoints: bool = True  # one checkpoint per fold/seed under runs/ besides best.pt
     baselines: bool = True  # fit the simple baselines on the same splits and masks
     num_threads: int = 0  # torch CPU threads, 0 = torch's default
 

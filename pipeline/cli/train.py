@@ -1,0 +1,244 @@
+"""`comp-train FEATS.h5 --out DIR`: train and evaluate ComP on a feature store.
+
+The CLI resolves one `TrainConfig` (a preset or a YAML file, then `--set` overrides, then the short flags),
+checks the store, and hands everything to `comp.train.run_training`; the only things that live here are the
+argument parsing, logging set-up, and the tqdm progress bar (the library itself only logs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from pipeline.configuration import ConfigError, apply_overrides, load_yaml
+
+log = logging.getLogger("comp-train")
+
+PRESETS = ("iemocap4", "iemocap6", "cmumosi", "cmumosei", "small")
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+EPILOG = """\
+examples:
+  comp-train feats.h5 --out runs/demo --preset small
+  comp-train iemocap4.h5 --out runs/iemo --preset iemocap4 --missing random:0.3 --seeds 3
+  comp-train iemocap4.h5 --out runs/paper --preset iemocap4 --variant faithful --missing random:0.5
+  comp-train mosi.h5 --out runs/mosi --preset cmumosi --missing fixed:a,t,v,at,av,tv,atv
+  comp-train feats.h5 --out runs/x --config my.yaml --set model.hidden=128 --set lr=3e-4 --folds 1,2
+
+missing modalities:
+  natural        only what the extractor could not measure (the store's present flags)
+  random:R       the GCNet/ComP protocol on top of natural (missing rate R in 0..0.7; never resurrects)
+  fixed:LIST     evaluate each listed condition (a, t, v, at, ...) and their pool; training sees all of them
+
+variants:
+  clean      the paper as written; epoch chosen on validation data; fixed, seeded test masks; mean +- std
+  faithful   the released code, quirks included; epoch chosen on the TEST set with test masks redrawn each
+             epoch (the paper's protocol) - numbers are labelled "selected on test (paper protocol)"
+
+outputs in --out: best.pt, runs/*.pt, metrics.json, config.yaml, train.log, report.html (+ PNGs)
+"""
+
+
+class CliError(Exception):
+    """A usage problem: printed without a traceback, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="comp-train", description="Train and evaluate ComP (cross-modal prompting) on a feature store.",
+        formatter_class=_Formatter, epilog=EPILOG)
+    p.add_argument("store", type=Path, help="feature store written by comp-extract or comp-import")
+    p.add_argument("--out", type=Path, required=True, help="output folder (created; files in it are replaced)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", choices=PRESETS, default=None,
+                     help="a training preset from configs/train-<name>.yaml (default: the built-in defaults)")
+    src.add_argument("--config", type=Path, default=None, help="a YAML TrainConfig file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. model.hidden=128 or lr=3e-4 (repeatable)")
+    p.add_argument("--variant", choices=("clean", "faithful"), default=None, help="model/protocol variant")
+    p.add_argument("--missing", default=None, metavar="SPEC",
+                   help="natural | random:R | fixed:a,t,v,at,av,tv,atv (default: from the config)")
+    p.add_argument("--epochs", type=int, default=None, help="total epochs (stage 1 + stage 2)")
+    p.add_argument("--stage-epochs", type=int, default=None,
+                   help="stage-1 epochs (default: the config's, scaled when only --epochs is given)")
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds (seed, seed+1, ...)")
+    p.add_argument("--folds", default=None, help="held-out folds to run: all or a list like 1,3")
+    p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--batch-size", type=int, default=None, help="conversations per batch")
+    p.add_argument("--baselines", dest="baselines", action="store_true", default=None,
+                   help="also fit the simple baselines on the same splits and masks")
+    p.add_argument("--no-baselines", dest="baselines", action="store_false", help="skip the baselines")
+    verb = p.add_mutually_exclusive_group()
+    verb.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bar")
+    verb.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--log-file", type=Path, default=None, help="log file (default: OUT/train.log)")
+    return p
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in --help, and the epilog's line breaks kept."""
+
+
+def resolve_config(args: argparse.Namespace):
+    """The TrainConfig the flags describe: preset/file, then --set, then the short flags."""
+    from comp.config import TrainConfig
+
+    if args.config is not None:
+        if not args.config.is_file():
+            raise CliError(f"--config {args.config}: no such file")
+        cfg = load_yaml(TrainConfig, args.config)
+    elif args.preset is not None:
+        path = CONFIG_DIR / f"train-{args.preset}.yaml"
+        if not path.is_file():
+            raise CliError(f"preset {args.preset!r}: {path} is missing from this installation")
+        cfg = load_yaml(TrainConfig, path)
+    else:
+        cfg = TrainConfig()
+    cfg = apply_overrides(cfg, args.overrides)
+    flags: list[str] = []
+    if args.variant is not None:
+        flags.append(f"model.variant={args.variant}")
+    if args.missing is not None:
+        flags.append(f"missing={args.missing}")
+    if args.epochs is not None:
+        flags.append(f"epochs={args.epochs}")
+        if args.stage_epochs is None:  # keep the preset's stage-1 share of the schedule
+            share = cfg.stage_epochs / cfg.epochs if cfg.epochs else 0.5
+            flags.append(f"stage_epochs={min(args.epochs, round(args.epochs * share))}")
+    if args.stage_epochs is not None:
+        flags.append(f"stage_epochs={args.stage_epochs}")
+    if args.seeds is not None:
+        flags.append(f"seeds={args.seeds}")
+    if args.folds is not None:
+        flags.append(f"folds={args.folds}")
+    if args.device is not None:
+        flags.append(f"device={args.device}")
+    if args.batch_size is not None:
+        flags.append(f"batch_size={args.batch_size}")
+    if args.baselines is not None:
+        flags.append(f"baselines={str(args.baselines).lower()}")
+    # quote string values so that YAML never reads "1,3" or "random:0.3" as something else
+    quoted = [f"{k}={v!r}" if k in ("missing", "folds", "device") else f"{k}={v}"
+              for k, v in (f.split("=", 1) for f in flags)]
+    cfg = apply_overrides(cfg, quoted)
+    if cfg.batch_size < 1:
+        raise CliError("batch size must be >= 1")
+    if cfg.epochs < 1:
+        raise CliError("epochs must be >= 1")
+    return cfg
+
+
+def setup_logging(quiet: bool, verbose: bool, log_file: Path) -> None:
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    _close_logging()
+    root = logging.getLogger()
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(level)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    filed = logging.FileHandler(log_file, mode="w", encoding="utf-8")
+    filed.setLevel(logging.DEBUG if verbose else logging.INFO)
+    filed.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for h in (console, filed):
+        h._comp_train = True  # type: ignore[attr-defined]
+        root.addHandler(h)
+    root.setLevel(min(level, filed.level))
+
+
+def _close_logging() -> None:
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_comp_train", False):
+            root.removeHandler(h)
+            h.close()
+
+
+class TqdmProgress:
+    """The library's progress hook as one tqdm bar per epoch."""
+
+    def __init__(self) -> None:
+        self._bar = None
+        self._run = ""
+
+    def run_started(self, label: str, epochs: int) -> None:
+        self._run = label
+
+    def epoch_started(self, epoch: int, stage: int, n_batches: int) -> None:
+        from tqdm import tqdm
+
+        self._close()
+        self._bar = tqdm(total=n_batches, desc=f"{self._run} ep {epoch + 1} s{stage}", unit="batch",
+                         leave=False, dynamic_ncols=True, file=sys.stderr)
+
+    def batch_done(self, loss: float) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+
+    def epoch_done(self, entry: dict) -> None:
+        self._close()
+
+    def run_done(self, records: list[dict]) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = resolve_config(args)
+        from comp.masks import parse_missing
+        from comp.seeding import resolve_device
+        from pipeline.store import StoreError, read_header
+
+        try:
+            parse_missing(cfg.missing)
+        except ValueError as err:
+            raise CliError(f"--missing {cfg.missing!r}: {err}") from None
+        try:
+            resolve_device(cfg.device)
+        except ValueError as err:
+            raise CliError(str(err)) from None
+        if not args.store.is_file():
+            raise CliError(f"{args.store}: no such feature store (write one with comp-extract or comp-import)")
+        try:
+            read_header(args.store)
+        except (StoreError, OSError) as err:
+            raise CliError(f"{args.store}: not a readable feature store: {err}") from None
+        if args.out.exists() and not args.out.is_dir():
+            raise CliError(f"--out {args.out}: exists and is not a folder")
+    except (CliError, ConfigError) as err:
+        parser.print_usage(sys.stderr)
+        print(f"comp-train: error: {err}", file=sys.stderr)
+        return 2
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    setup_logging(args.quiet, args.verbose, args.log_file or args.out / "train.log")
+    from comp.train import TrainingError, run_training
+    from pipeline.store import StoreError
+
+    progress = None if args.quiet else TqdmProgress()
+    try:
+        result = run_training(args.store, cfg, args.out, hooks=progress)
+    except (StoreError, TrainingError, ConfigError) as err:
+        log.error("comp-train: %s", err)
+        return 2
+    except KeyboardInterrupt:
+        log.error("comp-train: interrupted; per-run checkpoints already written are in %s", args.out / "runs")
+        return 130
+    finally:
+        _close_logging()
+    if not args.quiet:
+        print(result.summary_text(), file=sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
