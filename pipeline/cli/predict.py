@@ -1,0 +1,154 @@
+"""comp-predict: emotion and modality status for raw clips, from a comp-train checkpoint.
+
+Exit status: 0 when every clip was predicted, 1 when some clip could not be (its object says why),
+2 for a usage error or a checkpoint that cannot be honoured (one line on stderr says why).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+EPILOG = """examples:
+  comp-predict clip.mp4 --model runs/iemocap4
+  comp-predict clips/ more.mp4 --model runs/iemocap4/best.pt --out predictions.jsonl
+  comp-predict clip.mp4 --model runs/iemocap4 --format table
+
+One clip prints one JSON object; several print JSON Lines (one object per clip). Each object holds the
+prediction (label and per-class probabilities, or a value for regression), which modalities were present
+(and why not, when absent), the transcript, ASR and face diagnostics, the checkpoint and its extraction spec
+hash, and the time spent decoding, extracting and running the model.
+
+exit status: 0 every clip predicted; 1 some clip could not be (undecodable, or no modality present: its
+object says why); 2 usage error, or a checkpoint this installation cannot honour (one line says why)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="comp-predict", description=__doc__.split("\n")[0], epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", metavar="CLIP", help="media files and/or folders (searched recursively)")
+    p.add_argument("--model", "-m", required=True, metavar="RUN",
+                   help="run folder written by comp-train (holding best.pt) or a checkpoint file")
+    p.add_argument("--out", "-o", metavar="FILE",
+                   help="write the JSON (Lines) here instead of stdout (default: stdout)")
+    p.add_argument("--format", choices=("json", "table"), default="json",
+                   help="json: one object per clip; table: a short human-readable table (default: json)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--threads", type=int, default=0, metavar="N",
+                   help="torch CPU threads, 0 = torch's default (default: 0)")
+    verbosity = p.add_mutually_exclusive_group()
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
+    return p
+
+
+def _setup_logging(quiet: bool, verbose: bool) -> None:
+    level = logging.ERROR if quiet else logging.DEBUG if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:  # transformers draws a "Loading weights" bar per model; JSON on stdout needs no company on stderr
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def _cell(text: str, width: int) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _modality_cell(entry: dict[str, Any]) -> str:
+    return "yes" if entry.get("present") else f"no: {entry.get('reason', '')}"
+
+
+def format_table(results: Sequence[dict[str, Any]]) -> str:
+    """A short fixed-width table: clip, prediction, confidence, each modality, transcript."""
+    header = ("clip", "prediction", "p", "audio", "text", "visual", "transcript")
+    rows = []
+    for r in results:
+        pred = r.get("prediction")
+        if pred is None:
+            label, conf = "-", r.get("error", "")
+        elif "label" in pred:
+            label, conf = pred["label"], f"{pred['probs'][pred['label']]:.2f}"
+        else:
+            label, conf = f"{pred['value']:.3f}", ""
+        mods = r["modalities"]
+        rows.append((Path(r["clip"]).name, label, conf, _modality_cell(mods["audio"]), _modality_cell(mods["text"]),
+                     _modality_cell(mods["visual"]), r.get("transcript", "")))
+    limits = (28, 12, 44, 22, 22, 22, 40)
+    cells = [[_cell(v, w) for v, w in zip(row, limits)] for row in [header, *rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _write(results: list[dict[str, Any]], fmt: str, stream: TextIO, *, lines: bool) -> None:
+    if fmt == "table":
+        stream.write(format_table(results) + "\n")
+    elif lines:
+        for r in results:
+            stream.write(json.dumps(r, ensure_ascii=False) + "\n")
+    else:
+        stream.write(json.dumps(results[0], ensure_ascii=False, indent=2) + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.quiet, args.verbose)
+    t_start = time.perf_counter()
+
+    import torch
+
+    from pipeline.inputs import InputError
+    from pipeline.predict import Predictor, PredictError, collect_clips
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    try:
+        clips = collect_clips(args.inputs)
+        predictor = Predictor.from_checkpoint(args.model, device=args.device)
+    except (PredictError, InputError) as err:
+        print(f"comp-predict: error: {err}", file=sys.stderr)
+        return 2
+    log = logging.getLogger("comp-predict")
+    log.info("models ready in %.2f s", time.perf_counter() - t_start)
+
+    out_path = Path(args.out) if args.out else None
+    many = len(clips) > 1
+    results: list[dict[str, Any]] = []
+    failed = 0
+    stream: TextIO = sys.stdout
+    if out_path is not None:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        stream = open(out_path, "w", encoding="utf-8")
+    try:
+        for pred in predictor.predict_paths(clips):
+            result = pred.to_dict()
+            results.append(result)
+            if result["prediction"] is None:
+                failed += 1
+                log.warning("%s: %s", result["clip"], result.get("error", "not predicted"))
+            if args.format == "json" and many:  # JSON Lines stream as clips finish
+                stream.write(json.dumps(result, ensure_ascii=False) + "\n")
+                stream.flush()
+        if args.format == "table" or not many:
+            _write(results, args.format, stream, lines=many)
+    finally:
+        if out_path is not None:
+            stream.close()
+    if out_path is not None and not args.quiet:
+        print(f"comp-predict: {len(results)} prediction(s) written to {out_path}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
