@@ -19,6 +19,13 @@ class ComPBatch:
     present: torch.Tensor  # bool [B,S,3] in MODALITY_ORDER (after simulated masking); False on padding
     valid: torch.Tensor  # bool [B,S]; False on padding
     targets: torch.Tensor | None = None  # long [B,S] class ids or float [B,S] regression; ignored where ~valid
+    labelled: torch.Tensor | None = None  # bool [B,S]: utterances whose target counts; None = every valid one
+
+    @property
+    def scored(self) -> torch.Tensor:
+        """bool [B,S]: real utterances that have a label, the only ones losses and the modulator look at.
+        Unlabelled utterances still take part as conversation context."""
+        return self.valid if self.labelled is None else self.valid & self.labelled
 
     def to(self, device: torch.device | str) -> "ComPBatch":
         """The same batch on `device`."""
@@ -27,6 +34,7 @@ class ComPBatch:
             present=self.present.to(device),
             valid=self.valid.to(device),
             targets=None if self.targets is None else self.targets.to(device),
+            labelled=None if self.labelled is None else self.labelled.to(device),
         )
 
     @property
@@ -53,6 +61,9 @@ class ComPBatch:
                                  f"{input_dims[name]}")
         if self.targets is not None and self.targets.shape != (b, s):
             raise ValueError(f"batch.targets must be [B,S] = [{b},{s}], got {tuple(self.targets.shape)}")
+        if self.labelled is not None and (self.labelled.shape != (b, s) or self.labelled.dtype != torch.bool):
+            raise ValueError(f"batch.labelled must be bool [B,S] = [{b},{s}], got "
+                             f"{self.labelled.dtype} {tuple(self.labelled.shape)}")
 
 
 @dataclass

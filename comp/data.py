@@ -439,6 +439,7 @@ def iterate_batches(conversations: Sequence[Conversation] | PackedConversations,
         rows = np.where(valid, packed.offsets[idx][:, None] + steps[None, :], pad_row)
         b = ComPBatch(features={m: torch.from_numpy(packed.features[m][rows]) for m in MODALITY_ORDER},
                       present=torch.from_numpy(packed.present[rows]), valid=torch.from_numpy(valid),
-                      targets=torch.from_numpy(packed.targets[rows]))
-        yield Batch(batch=b, clip_ids=packed.clip_ids[rows], labelled=torch.from_numpy(packed.labelled[rows]),
+                      targets=torch.from_numpy(packed.targets[rows]),
+                      labelled=torch.from_numpy(packed.labelled[rows]))
+        yield Batch(batch=b, clip_ids=packed.clip_ids[rows], labelled=b.labelled,
                     conversation_ids=tuple(packed.conversations[i].id for i in idx))

@@ -39,12 +39,12 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, rows: torch.Tensor) -> 
 
 
 def task_loss(logits: torch.Tensor, batch: ComPBatch, task: str) -> torch.Tensor:
-    """CE (eq. 16) or MSE (eq. 17) of [B,S,C] predictions on the batch's valid utterances."""
+    """CE (eq. 16) or MSE (eq. 17) of [B,S,C] predictions on the batch's labelled real utterances."""
     if batch.targets is None:
         raise ValueError("the batch has no targets; losses need batch.targets")
     if task == "classification":
-        return masked_cross_entropy(logits, batch.targets, batch.valid)
-    return masked_mse(logits[..., 0], batch.targets, batch.valid)
+        return masked_cross_entropy(logits, batch.targets, batch.scored)
+    return masked_mse(logits[..., 0], batch.targets, batch.scored)
 
 
 def abs_cosine(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -85,7 +85,7 @@ def anti_label_loss(private_logits: torch.Tensor, batch: ComPBatch, task: str) -
 
     private_logits [3,N,C] are packed over the batch's valid utterances."""
     targets = batch.targets[batch.valid]
-    rows = torch.ones_like(targets, dtype=torch.bool)
+    rows = batch.scored[batch.valid]  # unlabelled utterances have no label to push away from
     total = private_logits.new_zeros((), dtype=torch.float32)
     for i in range(private_logits.shape[0]):
         if task == "classification":

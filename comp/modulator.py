@@ -92,7 +92,7 @@ class GradientModulator:
     def weights(self, out: ComPOutput, batch: ComPBatch) -> torch.Tensor:
         """Per-instance W [3,B,S] for this batch (exposed for inspection and tests)."""
         errors = modality_errors(out.head_logits, batch.targets, self.task, self.error_kind)
-        rows = batch.valid
+        rows = batch.scored  # an unlabelled utterance has no error: W = 1
         if self.per_slot:
             if self.task == "regression":  # released code: only utterances with a non-zero label
                 rows = rows & (batch.targets != 0)
@@ -108,7 +108,7 @@ class GradientModulator:
             return {}
         w = self.weights(out, batch)
         if self.per_slot:
-            rows = batch.valid if self.task != "regression" else batch.valid & (batch.targets != 0)
+            rows = batch.scored if self.task != "regression" else batch.scored & (batch.targets != 0)
             r = rows.to(w.dtype)
             n = r.sum(0)  # [S]
             slot_w = (w * r).sum(1) / n  # [3,S], NaN where no valid utterance

@@ -132,3 +132,22 @@ def test_faithful_slot_weights_cover_fixed_length_padding() -> None:
     n_real = int(batch.valid.sum())
     assert out.aux["dis_rows"].sum().item() == 2 * 8 and out.aux["dis_real"].sum().item() == n_real
     assert torch.equal(out.aux["rec_weight"][0], out.aux["dis_rows"])
+
+
+@pytest.mark.parametrize("variant", ["clean", "faithful"])
+def test_unlabelled_utterances_take_no_part_in_the_loss(variant: str) -> None:
+    """Changing the target of an utterance marked unlabelled leaves every loss part unchanged."""
+    model, batch = _model_and_batch(variant)
+    model.eval()
+    labelled = batch.valid.clone()
+    labelled[0, 0] = False
+    batch.labelled = labelled
+    out = model(batch, stage=2)
+    total_a, _ = comp_loss(out, batch, model.cfg, "classification", 2)
+    batch.targets = batch.targets.clone()
+    batch.targets[0, 0] = (batch.targets[0, 0] + 1) % 3
+    total_b, _ = comp_loss(out, batch, model.cfg, "classification", 2)
+    assert torch.allclose(total_a, total_b)
+    batch.labelled = None  # the same change counts once the utterance is labelled
+    total_c, _ = comp_loss(out, batch, model.cfg, "classification", 2)
+    assert not torch.allclose(total_a, total_c)
