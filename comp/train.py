@@ -12,6 +12,9 @@ Two selection protocols share the code:
   are redrawn for every batch of every epoch, test batches are shuffled (batch-pooled prototypes make
   predictions depend on the batch), and the epoch with the best test score is reported. Every number it
   produces is labelled "test (paper protocol)".
+
+Several processes (`parallel`, see comp.parallel): data parallel runs (DDP; `batch_size` stays the global
+batch) or the fold x seed runs fanned out over the ranks. Rank 0 alone writes checkpoints and outputs.
 """
 
 from __future__ import annotations
@@ -229,13 +232,19 @@ def _n_outputs(task: str, label_names: Sequence[str]) -> int:
 
 
 def fit_run(conversations: Sequence[Any], plan: Any, cfg: TrainConfig, seed: int, *, task: str,
-            label_names: Sequence[str], device: torch.device, hooks: TrainHooks | None = None) -> RunOutcome:
-    """Train one model on `plan.train`, select an epoch, score `plan.test` under every condition."""
+            label_names: Sequence[str], device: torch.device, hooks: TrainHooks | None = None,
+            parallel: Any = None) -> RunOutcome:
+    """Train one model on `plan.train`, select an epoch, score `plan.test` under every condition.
+
+    `parallel` (a comp.parallel.Parallel with `data_parallel`): every rank of the job calls this together;
+    each trains on its share of every batch and all of them return the same outcome.
+    """
     from comp.data import Normalizer, iterate_batches, pack, select
     from comp.masks import mask_conversations, parse_missing
     from comp.model import ComP
 
     hooks = hooks or NullHooks()
+    ddp = parallel is not None and parallel.data_parallel
     q = cfg.model.resolved
     paper = bool(q.test_selection)
     missing = Missingness(parse_missing(cfg.missing))
@@ -266,13 +275,22 @@ def fit_run(conversations: Sequence[Any], plan: Any, cfg: TrainConfig, seed: int
     input_dims = {m: int(train_packed.features[m].shape[1]) for m in MODALITY_ORDER}
     n_outputs = _n_outputs(task, label_names)
     model = ComP(cfg.model, input_dims, n_outputs, task).to(device)
+
+    def forward_loss(batch, stage: int):
+        out = model(batch, stage)
+        return (*_loss(out, batch, cfg, task, stage), out)
+
+    step = forward_loss  # (batch, stage) -> (loss, parts, output)
+    if ddp:
+        step = parallel.training_step(model, lambda out, batch, stage: _loss(out, batch, cfg, task, stage))
+        parallel.reseed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     autocast, scaler = _autocast_factory(device, cfg)
     modulator = None
     if q.gradient_modulator:
         from comp.modulator import GradientModulator
 
-        modulator = GradientModulator(model, cfg.model, task)
+        modulator = parallel.modulator(model, cfg.model, task) if ddp else GradientModulator(model, cfg.model, task)
 
     def evaluate_conditions(stage: int) -> dict[str, EvalResult]:
         results: dict[str, EvalResult] = {}
@@ -307,13 +325,18 @@ def fit_run(conversations: Sequence[Any], plan: Any, cfg: TrainConfig, seed: int
         stage = 1 if epoch < cfg.stage_epochs else 2
         hooks.epoch_started(epoch, stage, n_batches)
         t0 = time.perf_counter()
-        model.train()
+        (step if ddp else model).train()
         loss_sum, parts_sum = 0.0, {}
-        for item in iterate_batches(train_packed, cfg.batch_size, shuffle=True, rng=order_rng):
-            batch = missing.train_batch(item, rng).batch.to(device)
+        if ddp:
+            batches = (item.batch for item in parallel.local_batches(train_packed, cfg.batch_size, order_rng,
+                                                                     missing, rng))
+        else:
+            batches = (missing.train_batch(item, rng).batch
+                       for item in iterate_batches(train_packed, cfg.batch_size, shuffle=True, rng=order_rng))
+        for cpu_batch in batches:
+            batch = cpu_batch.to(device)
             with autocast():
-                out = model(batch, stage)
-                loss, parts = _loss(out, batch, cfg, task, stage)
+                loss, parts, out = step(batch, stage)
             if not torch.isfinite(loss):
                 raise TrainingError(f"{label}, epoch {epoch + 1}: the loss became {float(loss)} ({parts}); lower "
                                     "the learning rate (--set lr=...) or turn AMP off (--set amp=false)")
@@ -331,11 +354,17 @@ def fit_run(conversations: Sequence[Any], plan: Any, cfg: TrainConfig, seed: int
                 scaler.update()
             else:
                 optimizer.step()
+            if ddp:
+                parallel.sync_buffers(model)
             value = float(loss.detach())
             loss_sum += value
             for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + v
             hooks.batch_done(value)
+        if ddp:  # the epoch's loss over every rank's share, not rank 0's alone
+            means = parallel.mean_over_ranks({"": loss_sum, **parts_sum})
+            loss_sum = means.pop("")
+            parts_sum = means
         train_seconds = time.perf_counter() - t0
         t1 = time.perf_counter()
         results = evaluate_conditions(stage) if (has_val or paper) else {}
@@ -481,15 +510,20 @@ def _to_dict(cfg: TrainConfig) -> dict:
 
 
 def train_protocol(data, cfg: TrainConfig, *, hooks: TrainHooks | None = None,
-                   run_dir: Path | None = None) -> ProtocolResult:
-    """Every planned fold x seed. Per-run checkpoints go to `run_dir` as each run finishes."""
+                   run_dir: Path | None = None, parallel: Any = None) -> ProtocolResult:
+    """Every planned fold x seed. Per-run checkpoints go to `run_dir` as each run finishes.
+
+    `parallel` (comp.parallel.Parallel): call on every rank. Data parallel: the ranks train each run together
+    and rank 0 saves the checkpoints. Fan-out: rank r trains runs r, r + N, ... (in plan order) and saves
+    their checkpoints; every rank returns all runs' records, rank 0 alone holds the best run's weights.
+    """
     from comp.checkpoint import save_checkpoint
     from comp.data import DataError, build_conversations, plan_folds
     from comp.masks import parse_missing
     from comp.metrics import is_improvement, summarize
 
     try:
-        device = resolve_device(cfg.device)
+        device = parallel.device if parallel is not None else resolve_device(cfg.device)
         missing = Missingness(parse_missing(cfg.missing))
         paper = bool(cfg.model.resolved.test_selection)
         conversations = build_conversations(data)
@@ -511,28 +545,67 @@ def train_protocol(data, cfg: TrainConfig, *, hooks: TrainHooks | None = None,
         log.warning("faithful variant: epochs are selected on the TEST set with test masks redrawn every epoch "
                     "(the paper's protocol); its numbers are optimistic and labelled 'test (paper protocol)'")
 
-    runs: list[dict] = []
+    pairs = [(plan, cfg.seed + i) for plan in plans for i in range(cfg.seeds)]
+    fan_out = parallel is not None and parallel.fan_out and parallel.world_size > 1
+    mine = [k for k in range(len(pairs)) if not fan_out or k % parallel.world_size == parallel.rank]
+    writes = parallel is None or fan_out or parallel.is_main
+    records_by_run: dict[int, list[dict]] = {}
     best: RunOutcome | None = None
+    best_index = -1
     guard = deterministic(device) if cfg.deterministic else contextlib.nullcontext()
+    error: Exception | None = None
     with guard:
-        for plan in plans:
-            for i in range(cfg.seeds):
-                seed = cfg.seed + i
+        try:
+            for k in mine:
+                plan, seed = pairs[k]
                 outcome = fit_run(conversations, plan, cfg, seed, task=task, label_names=label_names,
-                                  device=device, hooks=hooks)
-                runs.extend(outcome.records)
-                if run_dir is not None and cfg.save_run_checkpoints:
+                                  device=device, hooks=hooks, parallel=None if fan_out else parallel)
+                records_by_run[k] = outcome.records
+                if run_dir is not None and cfg.save_run_checkpoints and writes:
                     save_checkpoint(Path(run_dir) / f"fold{plan.name}-seed{seed}.pt", outcome.state_dict,
                                     checkpoint_meta(outcome, cfg, data))
                 if best is None or is_improvement(outcome.selection_metric, outcome.selection_score,
                                                   best.selection_score):
-                    best = outcome
+                    best, best_index = outcome, k
                 else:
                     outcome.state_dict = {}  # free the weights of runs that are not the best
+        except Exception as err:  # noqa: BLE001 - fan-out: re-raised on this rank, reported to the others
+            if not fan_out:
+                raise
+            error = err
+    if fan_out:
+        best, records_by_run = _gather_fan_out(parallel, error, best, best_index, records_by_run)
+    runs = [r for k in sorted(records_by_run) for r in records_by_run[k]]
     by_condition = {c: summarize([r["test"] for r in runs if r["condition"] == c]) for c in missing.labels}
     return ProtocolResult(runs=runs, summary=by_condition[missing.main_label], summary_by_condition=by_condition,
                           best=best, main_condition=missing.main_label,
                           selected_on=SELECTED_ON_TEST if paper else SELECTED_ON_VAL)
+
+
+def _gather_fan_out(parallel: Any, error: Exception | None, best: RunOutcome | None, best_index: int,
+                    records_by_run: dict[int, list[dict]]) -> tuple[RunOutcome | None, dict[int, list[dict]]]:
+    """Every rank's run records on every rank; on rank 0, the best run over all ranks (else None).
+
+    The best is chosen as one process would: in plan order, a later run only wins with a strictly better
+    score, so ties go to the earlier run whichever rank trained it.
+    """
+    from comp.metrics import is_improvement
+    from pipeline.distributed import agree, all_gather, gather_to_main
+
+    agree(parallel.job, error)
+    merged: dict[int, list[dict]] = {}
+    for part in all_gather(parallel.job, records_by_run):
+        merged.update(part)
+    if best is not None:  # weights travel on the CPU; rank 0 may have another (or no) GPU
+        best.state_dict = {k: v.detach().cpu() for k, v in best.state_dict.items()}
+    candidates = gather_to_main(parallel.job, (best_index, best) if best is not None else None)
+    overall: RunOutcome | None = None
+    if candidates is not None:
+        for _, outcome in sorted((c for c in candidates if c is not None), key=lambda c: c[0]):
+            if overall is None or is_improvement(outcome.selection_metric, outcome.selection_score,
+                                                 overall.selection_score):
+                overall = outcome
+    return overall, merged
 
 
 def _json_safe(obj: Any) -> Any:
@@ -570,20 +643,28 @@ def _run_baselines(data, cfg: TrainConfig, out_dir: Path) -> dict | None:
 
 
 def run_training(store: str | Path, cfg: TrainConfig, out_dir: str | Path, *,
-                 hooks: TrainHooks | None = None) -> ProtocolResult:
-    """comp-train: read the store, run the protocol, write best.pt, runs/, metrics.json, config.yaml, report."""
+                 hooks: TrainHooks | None = None, parallel: Any = None) -> ProtocolResult:
+    """comp-train: read the store, run the protocol, write best.pt, runs/, metrics.json, config.yaml, report.
+
+    With `parallel` every rank calls this; rank 0 writes the outputs (fan-out: each rank also writes the
+    per-run checkpoints of its runs) and the other ranks return their result without writing.
+    """
     from comp.checkpoint import save_checkpoint
     from pipeline.configuration import dump_yaml
     from pipeline.store import read_store
 
+    main = parallel is None or parallel.is_main
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dump_yaml(cfg, out / "config.yaml")
+    if main:
+        dump_yaml(cfg, out / "config.yaml")
     data = read_store(store)
     log.info("store %s: %s, labels %s, dims %s", store, data.header.task, list(data.header.label_names),
              {m: i.dim for m, i in data.header.modalities.items()})
-    result = train_protocol(data, cfg, hooks=hooks, run_dir=out / "runs")
+    result = train_protocol(data, cfg, hooks=hooks, run_dir=out / "runs", parallel=parallel)
     result.out_dir = out
+    if not main:
+        return result
     if result.best is not None:
         save_checkpoint(out / "best.pt", result.best.state_dict, checkpoint_meta(result.best, cfg, data))
     result.baselines = _run_baselines(data, cfg, out)

@@ -17,14 +17,21 @@ The extraction spec stored in the file (and in checkpoints) is::
                                       "spec": <extractor.spec()>}}
 
 `Extraction.from_spec` rebuilds the extractors from it and refuses when the rebuilt spec hashes differently.
+
+Distributed runs (`run_sharded_extraction`, under torchrun or `comp-extract --nproc N`): every rank extracts a
+stable share of the clips on its own device into its own part store (`<out>.parts/rank-<r>-of-<N>.h5`, the
+same StoreWriter and header), and rank 0 upserts the parts into the one store once every rank is done.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import heapq
 import logging
 import math
 import os
+import shutil
 import threading
 import time
 import traceback
@@ -42,17 +49,20 @@ import torch
 from extractors.base import ClipInput, Extractor, ExtractorOutput, ProgressHook
 from pipeline.configuration import ConfigError, from_dict, to_dict
 from pipeline.decode import DecodeConfig, DecodeError, decode_clip
+from pipeline.distributed import DistributedError, Job, agree, all_gather, run_on_main
 from pipeline.extract_config import (STAGE_NAMES, ExtractionConfig, StageConfig, extractor_class,
                                      extractor_config, import_plugins)
 from pipeline.inputs import ClipItem, InputError, check_unique_ids, infer_task
 from pipeline.store import (MODALITIES, SCHEMA_VERSION, ClipRecord, ModalityInfo, ModalityValue, StoreError,
-                            StoreHeader, StoreWriter, read_store, spec_hash)
+                            StoreData, StoreHeader, StoreWriter, read_store, spec_hash)
 
 log = logging.getLogger(__name__)
 
 MAX_REASON_CHARS = 300  # ffmpeg and exception texts can be long; a reason is a short code plus detail
 BUFFER_BATCHES = 2  # decoded clips held back (in batches) so that a batch groups clips of similar duration
 FAILURES_SUFFIX = ".failures.csv"
+PARTS_SUFFIX = ".parts"  # <store>.parts/rank-<r>-of-<N>.h5: the per-rank stores of a distributed run
+MERGE_ROWS = 1024  # rows per journal chunk when parts are folded into the store
 
 
 class ExtractionError(RuntimeError):
@@ -461,8 +471,11 @@ def run_extraction(items: Sequence[ClipItem], out_path: str | Path, cfg: Extract
         extraction = Extraction.from_config(cfg, device)
     header = StoreHeader(task=task, label_names=label_names, modalities=extraction.header_modalities,
                          extraction_spec=extraction.spec)
+    if overwrite:
+        shutil.rmtree(parts_dir_for(out_path), ignore_errors=True)
     writer = StoreWriter(out_path, header, overwrite=overwrite)
-    recovered = writer.commit()  # rows a killed run journaled become part of the store now
+    # rows a killed run journaled (or a killed distributed run left in its parts) become part of the store now
+    recovered = writer.commit() + merge_parts(writer)
     if recovered:
         log.info("recovered %d rows journaled by an interrupted run", recovered)
     known = writer.known_status()
@@ -471,6 +484,19 @@ def run_extraction(items: Sequence[ClipItem], out_path: str | Path, cfg: Extract
     if skipped:
         log.info("%d of %d clips already in %s; extracting %d", skipped, len(items), out_path, len(todo))
     seconds_before = dict(extraction.seconds)
+    media_s = _extract_into(writer, extraction, todo, cfg.commit_every, progress)
+    summary = _summarize(out_path, items, processed=len(todo), skipped=skipped,
+                         wall_s=time.perf_counter() - t_start, media_s=media_s,
+                         stage_s={k: v - seconds_before.get(k, 0.0) for k, v in extraction.seconds.items()})
+    log.info("done: %d ok, %d error; %s", summary.ok, summary.error,
+             f"failures in {summary.failures_path}" if summary.failures_path else "no failures")
+    return summary
+
+
+def _extract_into(writer: StoreWriter, extraction: Extraction, todo: Sequence[ClipItem], commit_every: int,
+                  progress: ProgressHook | None) -> float:
+    """Extract `todo` through `writer` (journal every batch, commit every `commit_every` clips, commit at the
+    end, also on Ctrl-C); returns the media duration processed."""
     media_s = 0.0
     since_commit = 0
     done = 0
@@ -481,7 +507,7 @@ def run_extraction(items: Sequence[ClipItem], out_path: str | Path, cfg: Extract
             t0 = time.perf_counter()
             writer.add(records)
             since_commit += len(records)
-            if since_commit >= cfg.commit_every:
+            if since_commit >= commit_every:
                 writer.commit()
                 since_commit = 0
             extraction.seconds["write"] += time.perf_counter() - t0
@@ -493,12 +519,7 @@ def run_extraction(items: Sequence[ClipItem], out_path: str | Path, cfg: Extract
         t0 = time.perf_counter()
         writer.close()  # commits what is journaled, also on Ctrl-C
         extraction.seconds["write"] += time.perf_counter() - t0
-    summary = _summarize(out_path, items, processed=len(todo), skipped=skipped,
-                         wall_s=time.perf_counter() - t_start, media_s=media_s,
-                         stage_s={k: v - seconds_before.get(k, 0.0) for k, v in extraction.seconds.items()})
-    log.info("done: %d ok, %d error; %s", summary.ok, summary.error,
-             f"failures in {summary.failures_path}" if summary.failures_path else "no failures")
-    return summary
+    return media_s
 
 
 def _reason_code(reason: str) -> str:
@@ -538,3 +559,173 @@ def write_failures(path: Path, data: Any) -> Path | None:
         out.writerows(rows)
     os.replace(tmp, path)
     return path
+
+
+# ----------------------------------------------------------------------------------- the distributed run
+
+def parts_dir_for(store: str | Path) -> Path:
+    """`<store>.parts/`: where the ranks of a distributed run write their parts."""
+    store = Path(store)
+    return store.with_name(store.name + PARTS_SUFFIX)
+
+
+def part_path(store: str | Path, rank: int, world_size: int) -> Path:
+    return parts_dir_for(store) / f"rank-{rank}-of-{world_size}.h5"
+
+
+def shard_items(items: Sequence[ClipItem], world_size: int) -> list[list[ClipItem]]:
+    """Split the clips among `world_size` ranks, the same way for the same inputs on every rerun.
+
+    Largest file first, each to the rank with the fewest bytes so far (ties: the lower rank), which evens
+    out the work when clip lengths differ; each share is in id order. The split depends on the input list
+    only (not on what is already done), so a rerun gives every rank the share its part file was for.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    sizes = {it.id: _file_size(it) for it in items}
+    loads = [(0, r) for r in range(world_size)]  # heap of (bytes, rank)
+    heapq.heapify(loads)
+    shares: list[list[ClipItem]] = [[] for _ in range(world_size)]
+    for it in sorted(items, key=lambda it: (-sizes[it.id], it.id)):
+        load, rank = heapq.heappop(loads)
+        shares[rank].append(it)
+        heapq.heappush(loads, (load + max(1, sizes[it.id]), rank))
+    return [sorted(share, key=lambda it: it.id) for share in shares]
+
+
+def records_from_store(data: StoreData) -> Iterator[ClipRecord]:
+    """The rows of a loaded store as records (what StoreWriter.add takes); NaN diagnostics were not measured."""
+    for i, clip_id in enumerate(data.ids):
+        yield ClipRecord(
+            id=str(clip_id), source=str(data.source[i]), conversation=str(data.conversation[i]),
+            position=int(data.position[i]), speaker=str(data.speaker[i]), label=str(data.label[i]),
+            value=float(data.value[i]), split=str(data.split[i]), fold=int(data.fold[i]),
+            duration_s=float(data.duration_s[i]), transcript=str(data.transcript[i]), status=str(data.status[i]),
+            modalities={m: ModalityValue(data.features[m][i] if data.present[m][i] else None,
+                                         "" if data.present[m][i] else str(data.reason[m][i]))
+                        for m in MODALITIES},
+            diagnostics={k: float(v[i]) for k, v in data.diagnostics.items() if math.isfinite(float(v[i]))})
+
+
+def merge_parts(writer: StoreWriter) -> int:
+    """Fold every part next to the writer's store (any rank count) into it, commit, then delete the parts.
+
+    Rows are upserted by clip id, so merging a part twice (a crash between the commit and the deletion)
+    changes nothing. A part's own uncommitted journal is committed first. Returns the rows merged.
+    """
+    folder = parts_dir_for(writer.path)
+    if not folder.is_dir():
+        return 0
+    merged = 0
+    for part in sorted(folder.glob("rank-*-of-*.h5")):
+        part_writer = StoreWriter(part, writer.header)  # refuses a part written with another spec
+        part_writer.commit()
+        data = read_store(part, include_pending_warning=False)
+        for start in range(0, len(data), MERGE_ROWS):
+            rows = np.arange(start, min(start + MERGE_ROWS, len(data)))
+            writer.add(list(records_from_store(data.subset(rows))))
+        merged += len(data)
+        log.debug("merged %d rows of %s", len(data), part)
+    writer.commit()  # durable before the parts go
+    shutil.rmtree(folder, ignore_errors=True)
+    return merged
+
+
+def _ids_digest(items: Sequence[ClipItem]) -> str:
+    return hashlib.sha256("\n".join(sorted(it.id for it in items)).encode("utf-8")).hexdigest()
+
+
+def _agree_on_call(job: Job, fn: Any) -> Any:
+    """fn() on every rank; if it raised on any rank, every rank raises (see pipeline.distributed.agree)."""
+    result, error = None, None
+    try:
+        result = fn()
+    except Exception as err:  # noqa: BLE001 - re-raised by agree on this rank
+        error = err
+    agree(job, error)
+    return result
+
+
+def run_sharded_extraction(items: Sequence[ClipItem], out_path: str | Path, cfg: ExtractionConfig, job: Job, *,
+                           device: torch.device | str = "cpu", overwrite: bool = False,
+                           retry_failed: bool = False, progress: ProgressHook | None = None,
+                           task: str | None = None, extraction: Extraction | None = None) -> ExtractionSummary:
+    """One rank's share of a distributed extraction; call it on every rank of `job` with the same clips.
+
+    1. rank 0 opens the store (creating or checking it; `overwrite` clears it and any parts), commits a
+       killed run's journal and folds leftover parts (of any rank count) into it;
+    2. each rank extracts its share (`shard_items`) minus the clips already in the store into
+       `<out>.parts/rank-<r>-of-<N>.h5` through its own StoreWriter (crash-safe, resumable);
+    3. after every rank has finished (the `agree` barrier), rank 0 upserts the parts into the store and
+       deletes them. Every rank returns the summary of the whole run.
+
+    A rank killed at any moment loses nothing: its part's committed rows and journal are folded in by the
+    next run's step 1, and the clips are never extracted twice into the store (rows are keyed by id).
+    """
+    t_start = time.perf_counter()
+    items = list(items)
+    out_path = Path(out_path)
+    env = job.env
+
+    def check_inputs() -> tuple[str, tuple[str, ...]]:
+        if not items:
+            raise InputError("no clips to extract")
+        check_unique_ids(items)
+        result = infer_task(items, task)
+        if env.is_main:
+            check_writable(out_path)
+        return result
+
+    task_, label_names = _agree_on_call(job, check_inputs)
+    if len(set(all_gather(job, _ids_digest(items)))) > 1:
+        raise DistributedError("the ranks were given different clip lists; give every rank the same INPUT "
+                               "(and manifest), on a file system they all see")
+    if extraction is None:
+        extraction = _agree_on_call(job, lambda: Extraction.from_config(cfg, device))
+    if len(set(all_gather(job, extraction.spec_hash))) > 1:
+        raise ExtractionError("the ranks built different extraction specs (different settings or package "
+                              "versions on the machines); features from them must not be mixed")
+    header = StoreHeader(task=task_, label_names=label_names, modalities=extraction.header_modalities,
+                         extraction_spec=extraction.spec)
+
+    def prepare() -> tuple[int, dict[str, str]]:
+        if overwrite:
+            shutil.rmtree(parts_dir_for(out_path), ignore_errors=True)
+        writer = StoreWriter(out_path, header, overwrite=overwrite)
+        recovered = writer.commit() + merge_parts(writer)
+        known = writer.known_status()
+        writer.close()
+        return recovered, known
+
+    recovered, known = run_on_main(job, prepare)
+    if recovered and env.is_main:
+        log.info("recovered %d rows an interrupted run had extracted", recovered)
+    share = shard_items(items, env.world_size)[env.rank]
+    todo = [it for it in share if it.id not in known or (retry_failed and known[it.id] == "error")]
+    log.info("%s%d of %d clips are this rank's share; %d to extract on %s", env.tag, len(share), len(items),
+             len(todo), extraction.device)
+    seconds_before = dict(extraction.seconds)
+
+    def extract_share() -> float:
+        writer = StoreWriter(part_path(out_path, env.rank, env.world_size), header)
+        return _extract_into(writer, extraction, todo, cfg.commit_every, progress)
+
+    media_s = _agree_on_call(job, extract_share)  # also the barrier: every part is complete after it
+    stage_s = {k: v - seconds_before.get(k, 0.0) for k, v in extraction.seconds.items()}
+    reports = all_gather(job, (len(todo), media_s, stage_s))
+
+    def finish() -> ExtractionSummary:
+        writer = StoreWriter(out_path, header)
+        merged = merge_parts(writer)
+        writer.close()
+        log.info("merged %d rows from %d rank(s) into %s", merged, env.world_size, out_path)
+        processed = sum(r[0] for r in reports)
+        total_stage: dict[str, float] = defaultdict(float)
+        for _, _, seconds in reports:
+            for k, v in seconds.items():
+                total_stage[k] += v
+        return _summarize(out_path, items, processed=processed, skipped=len(items) - processed,
+                          wall_s=time.perf_counter() - t_start, media_s=sum(r[1] for r in reports),
+                          stage_s=dict(total_stage))
+
+    return run_on_main(job, finish)

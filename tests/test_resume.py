@@ -112,7 +112,9 @@ def _progress(out: Path) -> set[str]:
     except Exception:  # noqa: BLE001 - mid-rename; the next poll sees it
         pass
     for chunk in journal.glob("*.npz") if journal.exists() else ():
-        ids.update(StoreWriter._chunk_meta(chunk) and StoreWriter._chunk_meta(chunk)["ids"] or [])
+        meta = StoreWriter._chunk_meta(chunk)  # None once a commit has folded and removed the chunk
+        if meta is not None:
+            ids.update(meta["ids"])
     return ids
 
 

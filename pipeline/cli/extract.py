@@ -3,6 +3,10 @@
 Exit status: 0 when the run finished (clips that failed are recorded in the store and the failures file,
 they do not fail the run); 2 for a systemic failure (no inputs, unwritable output, a store of another spec,
 a model or setting that cannot be used), with one line on stderr (the traceback too with -v).
+
+Several processes: under `torchrun --nproc_per_node N` (or `--nproc N`, which launches the N processes itself)
+every rank extracts its share of the clips on its own device (cuda:LOCAL_RANK) and rank 0 merges the parts
+into the one store (pipeline.extract.run_sharded_extraction). Only rank 0 prints the summary.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from pipeline.configuration import ConfigError, apply_overrides, dump_yaml
+from pipeline.distributed import (DistEnv, DistributedError, PeerError, device_for_rank, env_from_os, launch_local,
+                                  process_group, run_on_main, strip_option)
 
 EPILOG = """examples:
   comp-extract videos/ --out feats.h5 --preset offline
@@ -28,6 +34,10 @@ EPILOG = """examples:
       change one setting; a different setting is a different spec, so write to a new file or pass --overwrite
   comp-extract videos/ --out feats.h5 --retry-failed
       rerun only the clips recorded as errors (a plain rerun resumes an interrupted run)
+  comp-extract videos/ --out feats.h5 --nproc 4
+      four processes on this machine (one per GPU with --device auto); same as torchrun --nproc_per_node 4
+  torchrun --nnodes 2 --nproc_per_node 8 --rdzv-endpoint host0:29500 -m pipeline.cli.extract videos/ --out feats.h5
+      several machines: INPUT and --out on a file system every machine sees
   comp-extract --preset offline --print-config > my-extract.yaml
       write the resolved settings, edit them, then use --config my-extract.yaml
 """
@@ -63,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, help="decoding threads ahead of the models (default: from the config)")
     p.add_argument("--overwrite", action="store_true", help="discard an existing store at --out and start fresh")
     p.add_argument("--retry-failed", action="store_true", help="redo the clips recorded with status error")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="extract with N processes on this machine (one per GPU with --device auto/cuda), like "
+                        "torchrun --nproc_per_node N; a rerun with the same N resumes")
     verbosity = p.add_mutually_exclusive_group()
     verbosity.add_argument("-q", "--quiet", action="store_true", help="only warnings and the summary; no progress bar")
     verbosity.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
@@ -71,19 +84,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _setup_logging(args: argparse.Namespace) -> list[logging.Handler]:
-    """Console (and file) handlers on the root logger; returned so that `main` can remove them again."""
+def _setup_logging(args: argparse.Namespace, env: DistEnv) -> list[logging.Handler]:
+    """Console (and file) handlers on the root logger; returned so that `main` can remove them again.
+
+    In a distributed job ranks other than 0 only report warnings (their info would repeat rank 0's) and
+    write their log file next to rank 0's, with a `.rank<r>` suffix.
+    """
     level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
+    if not env.is_main and not args.verbose:
+        level = logging.WARNING
     root = logging.getLogger()
     root.setLevel(logging.DEBUG)
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(level)
-    console.setFormatter(logging.Formatter("%(levelname)s %(message)s" if not args.verbose
-                                           else "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    console.setFormatter(logging.Formatter(env.tag + ("%(levelname)s %(message)s" if not args.verbose
+                                                      else "%(asctime)s %(levelname)s %(name)s: %(message)s")))
     root.addHandler(console)
     if args.log_file:
-        Path(args.log_file).parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(args.log_file, encoding="utf-8")
+        log_file = Path(args.log_file if env.is_main else f"{args.log_file}.rank{env.rank}")
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log_file, encoding="utf-8")
         handler.setLevel(logging.DEBUG)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(handler)
@@ -157,25 +177,36 @@ class _Bar:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    try:
+        env = env_from_os()
+    except DistributedError as err:
+        print(f"comp-extract: error: {err}", file=sys.stderr)
+        return 2
     root = logging.getLogger()
     old_level = root.level
-    handlers = _setup_logging(args)
+    handlers = _setup_logging(args, env)
     try:
-        return _run(args, parser)
+        if args.nproc != 1 and not args.print_config:
+            return _launch(args, argv, parser)
+        return _run(args, parser, env)
     except KeyboardInterrupt:
-        print("comp-extract: interrupted; what was extracted is saved, rerun the same command to resume",
-              file=sys.stderr)
+        if env.is_main:
+            print("comp-extract: interrupted; what was extracted is saved, rerun the same command to resume",
+                  file=sys.stderr)
         return 130
     except Exception as err:  # systemic failure: one clear line, the traceback only with -v
         from pipeline.extract import ExtractionError
         from pipeline.inputs import InputError
         from pipeline.store import StoreError
 
-        known = (ConfigError, InputError, StoreError, ExtractionError)
+        known = (ConfigError, InputError, StoreError, ExtractionError, DistributedError)
+        if isinstance(err, PeerError) and not env.is_main:
+            return 2  # rank 0 reports the failing rank's error; saying it N times helps nobody
         if args.verbose or not isinstance(err, known):
             log.error("traceback:", exc_info=True)
-        print(f"comp-extract: error: {err}", file=sys.stderr)
+        print(f"comp-extract: error: {env.tag}{err}", file=sys.stderr)
         return 2
     finally:
         for handler in handlers:
@@ -184,13 +215,28 @@ def main(argv: list[str] | None = None) -> int:
         root.setLevel(old_level)
 
 
-def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def _launch(args: argparse.Namespace, argv: list[str], parser: argparse.ArgumentParser) -> int:
+    """--nproc N: check what can be checked once, then run N ranks of this command (torchrun's way)."""
+    if args.nproc < 1:
+        parser.error("--nproc must be >= 1")
+    if args.input is None or args.out is None:
+        parser.error("INPUT and --out are required (unless --print-config)")
+    _resolve_config(args)  # a bad setting is reported once, not by every rank
+    from pipeline.extract import check_writable
+
+    check_writable(args.out)
+    return launch_local("pipeline.cli.extract", strip_option(argv, "--nproc"), args.nproc)
+
+
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, env: DistEnv) -> int:
     cfg = _resolve_config(args)
     if args.print_config:
         sys.stdout.write(dump_yaml(cfg))
         return 0
     if args.input is None or args.out is None:
         parser.error("INPUT and --out are required (unless --print-config)")
+    if env.is_distributed:
+        return _run_rank(args, cfg, env)
 
     from pipeline.extract import check_writable, resolve_device, run_extraction
     from pipeline.inputs import collect_inputs
@@ -215,6 +261,43 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     print(summary.table())
     if args.log_file:
         print(f"log        {args.log_file}")
+    return 0
+
+
+def _run_rank(args: argparse.Namespace, cfg, env: DistEnv) -> int:
+    """One rank of a distributed extraction: rank 0 lists the clips, every rank extracts its share."""
+    import torch
+
+    from pipeline.extract import run_sharded_extraction
+    from pipeline.inputs import collect_inputs
+
+    device = device_for_rank(args.device, env)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    with process_group(env, backend="gloo") as job:  # only small control messages travel between ranks
+        items = run_on_main(job, lambda: collect_inputs(args.input, manifest=args.manifest,
+                                                        labels_from_folders=args.labels_from_folders))
+        if env.is_main:
+            log.info("%d clips from %s; %d processes; writing %s", len(items), args.manifest or args.input,
+                     env.world_size, args.out)
+        bar = _Bar(enabled=env.is_main and not args.quiet, tty=sys.stderr.isatty())
+        redirect = contextlib.nullcontext()
+        if bar.enabled:
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            redirect = logging_redirect_tqdm()
+        try:
+            with redirect:
+                summary = run_sharded_extraction(items, args.out, cfg, job, device=device,
+                                                 overwrite=args.overwrite, retry_failed=args.retry_failed,
+                                                 progress=bar if env.is_main else None,
+                                                 task=None if args.task == "auto" else args.task)
+        finally:
+            bar.close()
+    if env.is_main:
+        print(summary.table())
+        if args.log_file:
+            print(f"log        {args.log_file}")
     return 0
 
 

@@ -3,6 +3,10 @@
 The CLI resolves one `TrainConfig` (a preset or a YAML file, then `--set` overrides, then the short flags),
 checks the store, and hands everything to `comp.train.run_training`; the only things that live here are the
 argument parsing, logging set-up, and the tqdm progress bar (the library itself only logs).
+
+Several processes: under `torchrun --nproc_per_node N` (or with `--nproc N`, which launches them itself) the
+ranks train each run together with DistributedDataParallel, or with `--fan-out` split the fold x seed runs
+between them (comp.parallel). Rank 0 writes the outputs and the log; the others only report warnings.
 """
 
 from __future__ import annotations
@@ -26,6 +30,11 @@ examples:
   comp-train iemocap4.h5 --out runs/paper --preset iemocap4 --variant faithful --missing random:0.5
   comp-train mosi.h5 --out runs/mosi --preset cmumosi --missing fixed:a,t,v,at,av,tv,atv
   comp-train feats.h5 --out runs/x --config my.yaml --set model.hidden=128 --set lr=3e-4 --folds 1,2
+  comp-train iemocap4.h5 --out runs/ddp --preset iemocap4 --nproc 2
+      two processes train every run together (DDP, one GPU each); batch_size stays the global batch
+  comp-train iemocap4.h5 --out runs/all --preset iemocap4 --seeds 7 --fan-out --nproc 4
+      the 5 folds x 7 seeds are split over 4 processes; rank 0 writes the one metrics.json and report
+  torchrun --nproc_per_node 8 -m pipeline.cli.train iemocap4.h5 --out runs/big --fan-out
 
 missing modalities:
   natural        only what the extractor could not measure (the store's present flags)
@@ -70,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baselines", dest="baselines", action="store_true", default=None,
                    help="also fit the simple baselines on the same splits and masks")
     p.add_argument("--no-baselines", dest="baselines", action="store_false", help="skip the baselines")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="train with N processes on this machine (like torchrun --nproc_per_node N; one GPU each)")
+    p.add_argument("--fan-out", action="store_true",
+                   help="with several processes: split the fold x seed runs between them instead of training "
+                        "each run data parallel")
     verb = p.add_mutually_exclusive_group()
     verb.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bar")
     verb.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -130,21 +144,25 @@ def resolve_config(args: argparse.Namespace):
     return cfg
 
 
-def setup_logging(quiet: bool, verbose: bool, log_file: Path) -> None:
+def setup_logging(quiet: bool, verbose: bool, log_file: Path | None, prefix: str = "") -> None:
+    """Console (and, with `log_file`, file) logging; `prefix` tags the lines of one rank of a job."""
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
     _close_logging()
     root = logging.getLogger()
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(level)
-    console.setFormatter(logging.Formatter("%(message)s"))
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    filed = logging.FileHandler(log_file, mode="w", encoding="utf-8")
-    filed.setLevel(logging.DEBUG if verbose else logging.INFO)
-    filed.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    for h in (console, filed):
+    console.setFormatter(logging.Formatter(prefix + "%(message)s"))
+    handlers: list[logging.Handler] = [console]
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        filed = logging.FileHandler(log_file, mode="w", encoding="utf-8")
+        filed.setLevel(logging.DEBUG if verbose else logging.INFO)
+        filed.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handlers.append(filed)
+    for h in handlers:
         h._comp_train = True  # type: ignore[attr-defined]
         root.addHandler(h)
-    root.setLevel(min(level, filed.level))
+    root.setLevel(min(h.level for h in handlers))
 
 
 def _close_logging() -> None:
@@ -191,8 +209,16 @@ class TqdmProgress:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    from pipeline.distributed import DistributedError, env_from_os
+
     try:
+        env = env_from_os()
+        if args.nproc < 1:
+            raise CliError("--nproc must be >= 1")
+        if args.nproc > 1 and env.is_distributed:
+            raise CliError("--nproc inside a torchrun job: use one or the other")
         cfg = resolve_config(args)
         from comp.masks import parse_missing
         from comp.seeding import resolve_device
@@ -214,28 +240,44 @@ def main(argv: list[str] | None = None) -> int:
             raise CliError(f"{args.store}: not a readable feature store: {err}") from None
         if args.out.exists() and not args.out.is_dir():
             raise CliError(f"--out {args.out}: exists and is not a folder")
-    except (CliError, ConfigError) as err:
+    except (CliError, ConfigError, DistributedError) as err:
         parser.print_usage(sys.stderr)
         print(f"comp-train: error: {err}", file=sys.stderr)
         return 2
 
+    if args.nproc > 1:
+        from pipeline.distributed import launch_local, strip_option
+
+        return launch_local("pipeline.cli.train", strip_option(argv, "--nproc"), args.nproc)
+
     args.out.mkdir(parents=True, exist_ok=True)
-    setup_logging(args.quiet, args.verbose, args.log_file or args.out / "train.log")
+    if env.is_main:
+        setup_logging(args.quiet, args.verbose, args.log_file or args.out / "train.log")
+    else:  # rank 0 writes train.log and reports progress; the others only warn
+        setup_logging(True, args.verbose, None, prefix=env.tag)
+    from comp.parallel import start
     from comp.train import TrainingError, run_training
+    from pipeline.distributed import PeerError
     from pipeline.store import StoreError
 
-    progress = None if args.quiet else TqdmProgress()
+    progress = None if args.quiet or not env.is_main else TqdmProgress()
     try:
-        result = run_training(args.store, cfg, args.out, hooks=progress)
-    except (StoreError, TrainingError, ConfigError) as err:
+        with start(cfg.device, env, fan_out=args.fan_out) as parallel:
+            result = run_training(args.store, cfg, args.out, hooks=progress, parallel=parallel)
+    except PeerError as err:
+        if env.is_main:
+            log.error("comp-train: %s", err)
+        return 2
+    except (StoreError, TrainingError, ConfigError, DistributedError) as err:
         log.error("comp-train: %s", err)
         return 2
     except KeyboardInterrupt:
-        log.error("comp-train: interrupted; per-run checkpoints already written are in %s", args.out / "runs")
+        if env.is_main:
+            log.error("comp-train: interrupted; per-run checkpoints already written are in %s", args.out / "runs")
         return 130
     finally:
         _close_logging()
-    if not args.quiet:
+    if not args.quiet and env.is_main:
         print(result.summary_text(), file=sys.stdout)
     return 0
 
