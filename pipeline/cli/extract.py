@@ -19,6 +19,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from pipeline.cli.logs import DETAILED, cli_logging, level_for, quiet_transformers
 from pipeline.configuration import ConfigError, apply_overrides, dump_yaml
 from pipeline.distributed import (DistEnv, DistributedError, PeerError, device_for_rank, env_from_os, launch_local,
                                   process_group, run_on_main, strip_option)
@@ -84,38 +85,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _setup_logging(args: argparse.Namespace, env: DistEnv) -> list[logging.Handler]:
-    """Console (and file) handlers on the root logger; returned so that `main` can remove them again.
-
-    In a distributed job ranks other than 0 only report warnings (their info would repeat rank 0's) and
-    write their log file next to rank 0's, with a `.rank<r>` suffix.
-    """
-    level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
+def _logging(args: argparse.Namespace, env: DistEnv) -> contextlib.AbstractContextManager:
+    """Console (and file) logging for the run. In a distributed job ranks other than 0 only report warnings
+    (their info would repeat rank 0's) and write their log file next to rank 0's, with a `.rank<r>` suffix."""
+    level = level_for(args.quiet, args.verbose)
     if not env.is_main and not args.verbose:
         level = logging.WARNING
-    root = logging.getLogger()
-    root.setLevel(logging.DEBUG)
-    console = logging.StreamHandler(sys.stderr)
-    console.setLevel(level)
-    console.setFormatter(logging.Formatter(env.tag + ("%(levelname)s %(message)s" if not args.verbose
-                                                      else "%(asctime)s %(levelname)s %(name)s: %(message)s")))
-    root.addHandler(console)
+    log_file = None
     if args.log_file:
         log_file = Path(args.log_file if env.is_main else f"{args.log_file}.rank{env.rank}")
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(log_file, encoding="utf-8")
-        handler.setLevel(logging.DEBUG)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root.addHandler(handler)
-    handlers = root.handlers[-2:] if args.log_file else root.handlers[-1:]
-    for noisy in ("urllib3", "filelock", "h5py", "numba", "matplotlib"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    if not args.verbose:  # model-loading bars of transformers would break ours
-        with contextlib.suppress(Exception):
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.disable_progress_bar()
-    return handlers
+    if not args.verbose:
+        quiet_transformers()
+    return cli_logging(level, env.tag + (DETAILED if args.verbose else "%(levelname)s %(message)s"), log_file)
 
 
 def _resolve_config(args: argparse.Namespace):
@@ -184,9 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     except DistributedError as err:
         print(f"comp-extract: error: {err}", file=sys.stderr)
         return 2
-    root = logging.getLogger()
-    old_level = root.level
-    handlers = _setup_logging(args, env)
+    with _logging(args, env):
+        return _main(args, argv, parser, env)
+
+
+def _main(args: argparse.Namespace, argv: list[str], parser: argparse.ArgumentParser, env: DistEnv) -> int:
     try:
         if args.nproc != 1 and not args.print_config:
             return _launch(args, argv, parser)
@@ -208,11 +191,6 @@ def main(argv: list[str] | None = None) -> int:
             log.error("traceback:", exc_info=True)
         print(f"comp-extract: error: {env.tag}{err}", file=sys.stderr)
         return 2
-    finally:
-        for handler in handlers:
-            root.removeHandler(handler)
-            handler.close()
-        root.setLevel(old_level)
 
 
 def _launch(args: argparse.Namespace, argv: list[str], parser: argparse.ArgumentParser) -> int:

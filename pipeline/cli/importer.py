@@ -11,6 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
+from pipeline.cli.logs import cli_logging, level_for
 from pipeline.gcnet_import import DATASETS, GcnetImportError, import_gcnet
 from pipeline.store import StoreError
 
@@ -67,19 +68,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def setup_logging(quiet: bool, verbose: bool) -> None:
-    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        if getattr(h, "_comp_import", False):
-            root.removeHandler(h)
-    console = logging.StreamHandler(sys.stderr)
-    console.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-    console._comp_import = True  # type: ignore[attr-defined]
-    root.addHandler(console)
-    root.setLevel(level)
-
-
 class TqdmProgress:
     """The importer's (done, total) hook as one tqdm bar."""
 
@@ -117,7 +105,11 @@ def _check_paths(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(args.quiet, args.verbose)
+    with cli_logging(level_for(args.quiet, args.verbose), "%(levelname)s: %(message)s"):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     progress = None if args.quiet else TqdmProgress()
     try:
         _check_paths(args)

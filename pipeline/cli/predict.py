@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from pipeline.cli.logs import cli_logging, level_for, quiet_transformers
+
 EPILOG = """examples:
   comp-predict clip.mp4 --model runs/iemocap4
   comp-predict clips/ more.mp4 --model runs/iemocap4/best.pt --out predictions.jsonl
@@ -46,17 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
     verbosity.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
     verbosity.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
     return p
-
-
-def _setup_logging(quiet: bool, verbose: bool) -> None:
-    level = logging.ERROR if quiet else logging.DEBUG if verbose else logging.WARNING
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    try:  # transformers draws a "Loading weights" bar per model; JSON on stdout needs no company on stderr
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
 
 
 def _cell(text: str, width: int) -> str:
@@ -103,7 +94,13 @@ def _write(results: list[dict[str, Any]], fmt: str, stream: TextIO, *, lines: bo
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.quiet, args.verbose)
+    quiet_transformers()
+    level = logging.ERROR if args.quiet else level_for(False, args.verbose, default=logging.WARNING)
+    with cli_logging(level, "%(levelname)s %(name)s: %(message)s"):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
 
     import torch

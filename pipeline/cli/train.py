@@ -16,6 +16,9 @@ import logging
 import sys
 from pathlib import Path
 
+from comp.config import TrainConfig
+from pipeline.distributed import DistEnv
+from pipeline.cli.logs import cli_logging, level_for
 from pipeline.configuration import ConfigError, apply_overrides, load_yaml
 
 log = logging.getLogger("comp-train")
@@ -97,7 +100,6 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 
 def resolve_config(args: argparse.Namespace):
     """The TrainConfig the flags describe: preset/file, then --set, then the short flags."""
-    from comp.config import TrainConfig
 
     if args.config is not None:
         if not args.config.is_file():
@@ -142,35 +144,6 @@ def resolve_config(args: argparse.Namespace):
     if cfg.epochs < 1:
         raise CliError("epochs must be >= 1")
     return cfg
-
-
-def setup_logging(quiet: bool, verbose: bool, log_file: Path | None, prefix: str = "") -> None:
-    """Console (and, with `log_file`, file) logging; `prefix` tags the lines of one rank of a job."""
-    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
-    _close_logging()
-    root = logging.getLogger()
-    console = logging.StreamHandler(sys.stderr)
-    console.setLevel(level)
-    console.setFormatter(logging.Formatter(prefix + "%(message)s"))
-    handlers: list[logging.Handler] = [console]
-    if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        filed = logging.FileHandler(log_file, mode="w", encoding="utf-8")
-        filed.setLevel(logging.DEBUG if verbose else logging.INFO)
-        filed.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        handlers.append(filed)
-    for h in handlers:
-        h._comp_train = True  # type: ignore[attr-defined]
-        root.addHandler(h)
-    root.setLevel(min(h.level for h in handlers))
-
-
-def _close_logging() -> None:
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        if getattr(h, "_comp_train", False):
-            root.removeHandler(h)
-            h.close()
 
 
 class TqdmProgress:
@@ -252,9 +225,15 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     if env.is_main:
-        setup_logging(args.quiet, args.verbose, args.log_file or args.out / "train.log")
+        logs = cli_logging(level_for(args.quiet, args.verbose), "%(message)s", args.log_file or args.out / "train.log",
+                           file_level=logging.DEBUG if args.verbose else logging.INFO)
     else:  # rank 0 writes train.log and reports progress; the others only warn
-        setup_logging(True, args.verbose, None, prefix=env.tag)
+        logs = cli_logging(level_for(True, args.verbose), env.tag + "%(message)s")
+    with logs:
+        return _train(args, cfg, env)
+
+
+def _train(args: argparse.Namespace, cfg: TrainConfig, env: DistEnv) -> int:
     from comp.parallel import start
     from comp.train import TrainingError, run_training
     from pipeline.distributed import PeerError
@@ -275,8 +254,6 @@ def main(argv: list[str] | None = None) -> int:
         if env.is_main:
             log.error("comp-train: interrupted; per-run checkpoints already written are in %s", args.out / "runs")
         return 130
-    finally:
-        _close_logging()
     if not args.quiet and env.is_main:
         print(result.summary_text(), file=sys.stdout)
     return 0
