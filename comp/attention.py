@@ -1,4 +1,4 @@
-"""Modality-specific layers and the masked multi-head self-attention block (comp-model.md §4.2).
+"""Modality-specific layers and the masked multi-head self-attention block (docs/model.md §4.2).
 
 Every layer here holds one set of weights per modality, stacked on a leading axis, so the three modality
 streams run as one batched matmul (`baddbmm`) instead of three calls. Streams are packed [M, N, D]

@@ -1,7 +1,7 @@
 """Model and training configs. Frozen dataclasses that round-trip to YAML via `pipeline.configuration`.
 
 `variant` picks a whole family of behaviours; each behaviour where the released ComP code differs from the
-paper (comp-model.md §9) is a named switch in `Quirks`, so an ablation is one flag. A switch left at None
+paper (docs/model.md §9) is a named switch in `Quirks`, so an ablation is one flag. A switch left at None
 takes the variant's value (`Quirks.resolve`).
 """
 
@@ -17,7 +17,7 @@ Variant = Literal["clean", "faithful"]
 
 @dataclass(frozen=True)
 class Quirks:
-    """Each quirk of the released code (comp-model.md §9). None = the variant's default."""
+    """Each quirk of the released code (docs/model.md §9). None = the variant's default."""
 
     gradient_modulator: bool | None = None  # §9.1: the modulator (eqs. 10-11) acts on the prototype MLP
     modulator_error: Literal["class_index", "true_class_prob"] | None = None  # §9.2: E for classification
@@ -52,7 +52,7 @@ class Quirks:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """ComP hyper-parameters (comp-model.md §4, §6.2)."""
+    """ComP hyper-parameters (docs/model.md §4, §6.2)."""
 
     variant: Variant = "clean"
     hidden: int = 256  # D
@@ -87,7 +87,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How comp-train trains and evaluates (the protocol of comp-model.md §3, §6)."""
+    """How comp-train trains and evaluates (the protocol of docs/model.md §3, §6)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     epochs: int = 100

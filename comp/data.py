@@ -1,6 +1,6 @@
 """From the feature store to model batches: conversations, evaluation plans, normalisation, batching.
 
-ComP sees a whole conversation at a time (comp-model.md §1): rows of the store are grouped by `conversation`
+ComP sees a whole conversation at a time (docs/model.md §1): rows of the store are grouped by `conversation`
 and ordered by `position`. Unlabelled rows (classification label "" / regression value NaN) stay in their
 conversation as context and are predicted, but they take no part in the loss or the scores (`labelled`).
 
@@ -11,7 +11,7 @@ Evaluation plans (`plan_folds`), in order of precedence:
 2. the store has `split` values (CMU-MOSI): its train/val/test; without val rows, val is held out of train;
 3. neither: a seeded split by conversation into train/val/test.
 
-`paper_protocol=True` gives the released code's view instead (comp-model.md §2.4, §6.3): no validation set,
+`paper_protocol=True` gives the released code's view instead (docs/model.md §2.4, §6.3): no validation set,
 the test conversations double as "val", and the store's own val split is left unused.
 """
 

@@ -1,4 +1,4 @@
-"""ComP objectives (comp-model.md §5): task, uni-modal, reconstruction, disentanglement, anti-label.
+"""ComP objectives (docs/model.md §5): task, uni-modal, reconstruction, disentanglement, anti-label.
 
 | stage | loss |
 |---|---|

@@ -5,7 +5,7 @@ Simulated masks are always ANDed with the store's natural `present` flags, so a 
 never brought back. Three conditions (`--missing`):
 
 * ``natural``: the data as extracted, nothing removed;
-* ``random:R``: the protocol of comp-model.md §3.2 (CPM-Nets / GCNet `random_mask`) at missing rate R;
+* ``random:R``: the protocol of docs/model.md §3.2 (CPM-Nets / GCNet `random_mask`) at missing rate R;
 * ``fixed:at`` (letters a=audio, t=text, v=visual): keep exactly those modalities for every utterance;
   ``fixed:a,t,at`` asks for several conditions, one run each (`MissingSpec.runs`).
 
@@ -44,7 +44,7 @@ CONDITIONS = ("a", "t", "v", "at", "av", "tv", "atv")
 # ------------------------------------------------------------------------------------------- generators
 
 def random_mask(view_num: int, n: int, missing_rate: float, rng: np.random.Generator) -> np.ndarray:
-    """bool [n, view_num]: the protocol's random missing pattern at `missing_rate` (comp-model.md §3.2).
+    """bool [n, view_num]: the protocol's random missing pattern at `missing_rate` (docs/model.md §3.2).
 
     Every row keeps at least one view. MR >= 1 - 1/view_num (MR 0.7 for three views) gives exactly one view
     per row (a realised rate of 2/3). Otherwise the draw is repeated until the kept fraction is within 0.005

@@ -1,4 +1,4 @@
-"""Scores of the protocol (comp-model.md §7), by name, plus the mean ± std summary over runs.
+"""Scores of the protocol (docs/model.md §7), by name, plus the mean ± std summary over runs.
 
 Classification: ``acc`` (overall accuracy, the papers' "ACC"/"WA"), ``ua`` (unweighted accuracy = mean recall over
 the classes present in the truth), ``wf1`` (support-weighted F1). The confusion matrix is separate (`confusion`).

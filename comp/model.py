@@ -1,7 +1,7 @@
-"""The ComP network (comp-model.md §4): encoders, prompt generation, knowledge propagation, coordinator.
+"""The ComP network (docs/model.md §4): encoders, prompt generation, knowledge propagation, coordinator.
 
 One code path serves both variants; every place where the released code and the paper part ways is a switch
-in `cfg.resolved` (comp-model.md §9). Modality streams are stacked on a leading axis [3,B,L,D] in
+in `cfg.resolved` (docs/model.md §9). Modality streams are stacked on a leading axis [3,B,L,D] in
 `MODALITY_ORDER` and every modality-specific layer runs them as one batched matmul.
 
 Streams are packed to real utterances [3,N,D]; only attention sees the padded grid (`Layout`). The faithful
@@ -148,7 +148,7 @@ class ComP(nn.Module):
     def _reconstruct(self, aux: dict[str, torch.Tensor], batch: ComPBatch, present_rows: torch.Tensor,
                      proj: torch.Tensor, shared: torch.Tensor, private: torch.Tensor | None,
                      slots: torch.Tensor) -> None:
-        """Decoder outputs, targets and row weights for L_rec (paper eq. 2 L_enc; comp-model.md §5.2)."""
+        """Decoder outputs, targets and row weights for L_rec (paper eq. 2 L_enc; docs/model.md §5.2)."""
         source = shared if private is None else torch.cat((shared, private), dim=-1)
         if self.quirks.projected_reconstruction:
             aux["rec"] = torch.stack([self.decoders[u](source[i]) for i, u in enumerate(MODALITY_ORDER)])

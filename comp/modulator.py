@@ -1,4 +1,4 @@
-"""Dynamic gradient modulator (GM, paper eqs. 10-11; comp-model.md §4.5).
+"""Dynamic gradient modulator (GM, paper eqs. 10-11; docs/model.md §4.5).
 
 Per modality u and utterance i, with errors E (how wrong head u is on i) and Delta^{uv} = E^u - E^v:
 

@@ -1,4 +1,4 @@
-"""Prototypes and prompt generation (PG, comp-model.md §4.4, paper eqs. 6-8).
+"""Prototypes and prompt generation (PG, docs/model.md §4.4, paper eqs. 6-8).
 
 Two ways to build the c prototypes of each modality:
 

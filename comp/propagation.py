@@ -1,4 +1,4 @@
-"""Knowledge propagation (KP, paper eqs. 3-5, 9; comp-model.md §4.4).
+"""Knowledge propagation (KP, paper eqs. 3-5, 9; docs/model.md §4.4).
 
 Each modality's features are concatenated with the prompts of the *other two* modalities, projected back to
 D, passed through the modality-specific masked self-attention block and (for the first block) projected out

@@ -1,4 +1,4 @@
-"""The training loop and the evaluation protocol (comp-model.md §3, §6).
+"""The training loop and the evaluation protocol (docs/model.md §3, §6).
 
 One *run* = one held-out fold (or the fixed split) x one seed: two stages on one Adam optimizer, an evaluation
 pass per epoch, and an epoch selected on a metric. The *protocol* runs every fold x seed, scores the selected
@@ -482,7 +482,7 @@ class ProtocolResult:
 
 
 def checkpoint_meta(outcome: RunOutcome, cfg: TrainConfig, data) -> dict:
-    """Everything comp-predict needs besides the weights (feature-store.md: spec, labels, dims)."""
+    """Everything comp-predict needs besides the weights (the store contract: spec, labels, dims)."""
     from pipeline import __version__
 
     header = data.header

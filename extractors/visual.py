@@ -24,7 +24,8 @@ import torch
 
 from extractors.base import ClipInput, Extractor, ExtractorOutput, register
 from extractors.faces import Box, HaarConfig, build_detector, largest
-from extractors.mini_xception import EMBED_DIM, INPUT_SIZE, FaceExpressionEncoder, file_sha256
+from extractors.mini_xception import EMBED_DIM, INPUT_SIZE, FaceExpressionEncoder
+from extractors.packaged import file_sha256
 
 log = logging.getLogger(__name__)
 

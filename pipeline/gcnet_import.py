@@ -1,6 +1,6 @@
 """Import the public pre-extracted sets of GCNet / SDR-GNN / MoMKE / ComP into a feature store.
 
-Input (comp-model.md §2.2-2.3): a label pickle (a list; IEMOCAP: videoIDs, videoLabels, videoSpeakers,
+Input (docs/model.md §2.2-2.3): a label pickle (a list; IEMOCAP: videoIDs, videoLabels, videoSpeakers,
 videoSentences, trainVid, testVid; CMU-MOSI/MOSEI: the same with valVid before testVid) and one folder of
 utterance-level vectors per modality, `<folder>/<utterance>.npy` of shape (D,) or (1, D). IEMOCAP faces are a
 folder `<utterance>/` holding one file per speaker (`compress_F.npy`, `compress_M.npy`); the utterance uses

@@ -46,7 +46,7 @@ VALUE_RANGE = (-3.0, 3.0)  # CMU sentiment scale
 SPLIT_SHARES = (0.7, 0.1, 0.2)  # train / val / test share of conversations
 DURATION_RANGE_S = (1.0, 8.0)
 
-# IEMOCAP-4 as comp-model.md §2.2 counts it: conversations and utterances per session (fold)
+# IEMOCAP-4 as docs/model.md §2.2 counts it: conversations and utterances per session (fold)
 IEMOCAP_SESSIONS = ((28, 1085), (30, 1023), (32, 1151), (30, 1031), (31, 1241))
 IEMOCAP_DIMS: Mapping[str, int] = MappingProxyType({"audio": 512, "text": 1024, "visual": 1024})
 IEMOCAP_MAX_UTTERANCES = 110
@@ -270,7 +270,7 @@ def partition_lengths(total: int, parts: int, rng: np.random.Generator, *, low: 
 
 
 def make_iemocap_sized_store(path: str | Path, seed: int = 0, *, overwrite: bool = True) -> Path:
-    """A store the size of IEMOCAP-4 (comp-model.md §2.2), for speed benchmarks.
+    """A store the size of IEMOCAP-4 (docs/model.md §2.2), for speed benchmarks.
 
     151 conversations in 5 folds (sessions of 28/30/32/30/31 conversations, 1085/1023/1151/1031/1241
     utterances, 5,531 in all), the longest conversation exactly 110 utterances, dims 512/1024/1024, 4 classes.

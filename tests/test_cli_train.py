@@ -75,7 +75,7 @@ def test_presets_load(preset):
 
 
 def test_mosi_preset_has_paper_values():
-    """The cmumosi preset carries the README's hyper-parameters (comp-model.md §6.2)."""
+    """The cmumosi preset carries the README's hyper-parameters (docs/model.md §6.2)."""
     cfg = resolve_config(build_parser().parse_args(["x.h5", "--out", "o", "--preset", "cmumosi"]))
     assert (cfg.batch_size, cfg.epochs, cfg.stage_epochs, cfg.lr, cfg.weight_decay, cfg.seed) == \
         (32, 300, 150, 1e-4, 1e-5, 66)

@@ -9,7 +9,7 @@ from comp.data import Batch, Conversation
 from comp.masks import (MissingSpec, combine, condition_mask, mask_batch, mask_conversations, parse_missing,
                         random_mask, test_mask)
 
-# comp-model.md §3.2: MR -> (realised missing rate, fraction of rows with 1 / 2 / 3 modalities), N = 32 * 150
+# docs/model.md §3.2: MR -> (realised missing rate, fraction of rows with 1 / 2 / 3 modalities), N = 32 * 150
 PROTOCOL_TABLE = {
     0.1: (0.097, (0.02, 0.25, 0.73)),
     0.2: (0.200, (0.08, 0.44, 0.48)),
