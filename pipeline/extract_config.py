@@ -12,18 +12,16 @@ are built, so that an extractor registered outside this package (`extractors.bas
 from __future__ import annotations
 
 import importlib
-import os
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from pipeline import presets
 from pipeline.configuration import ConfigError, from_dict, load_yaml, to_dict
 from pipeline.decode import DecodeConfig
 
 STAGE_NAMES: tuple[str, ...] = ("asr", "audio", "text", "visual")
-CONFIGS_ENV = "COMP_MER_CONFIGS"  # optional folder searched first for extract-<preset>.yaml
 
 
 @dataclass(frozen=True)
@@ -119,31 +117,12 @@ def with_stage_defaults(cfg: ExtractionConfig) -> ExtractionConfig:
 
 # --------------------------------------------------------------------------------------------- presets
 
-def configs_dirs() -> list[Path]:
-    """Folders searched for preset YAML files, first match wins."""
-    dirs = []
-    if os.environ.get(CONFIGS_ENV):
-        dirs.append(Path(os.environ[CONFIGS_ENV]))
-    dirs.append(Path(__file__).resolve().parent.parent / "configs")  # source checkout / editable install
-    dirs.append(Path(sys.prefix) / "share" / "comp-mer" / "configs")  # data files of a wheel install
-    return dirs
-
-
 def preset_path(name: str) -> Path:
-    for folder in configs_dirs():
-        path = folder / f"extract-{name}.yaml"
-        if path.is_file():
-            return path
-    raise ConfigError(f"no extraction preset {name!r}; available: {available_presets()} "
-                      f"(searched {', '.join(str(d) for d in configs_dirs())})")
+    return presets.preset_path("extract", name)
 
 
 def available_presets() -> list[str]:
-    names = set()
-    for folder in configs_dirs():
-        if folder.is_dir():
-            names.update(p.name[len("extract-"):-len(".yaml")] for p in folder.glob("extract-*.yaml"))
-    return sorted(names)
+    return presets.available_presets("extract")
 
 
 def load_preset(name: str) -> ExtractionConfig:

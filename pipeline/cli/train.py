@@ -17,14 +17,14 @@ import sys
 from pathlib import Path
 
 from comp.config import TrainConfig
-from pipeline.distributed import DistEnv
+from pipeline.distributed import DistEnv, DistributedError
 from pipeline.cli.logs import cli_logging, level_for
 from pipeline.configuration import ConfigError, apply_overrides, load_yaml
+from pipeline.presets import available_presets, preset_path
 
 log = logging.getLogger("comp-train")
 
-PRESETS = ("iemocap4", "iemocap6", "cmumosi", "cmumosei", "small")
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+PRESETS = tuple(available_presets("train"))
 
 EPILOG = """\
 examples:
@@ -106,10 +106,7 @@ def resolve_config(args: argparse.Namespace):
             raise CliError(f"--config {args.config}: no such file")
         cfg = load_yaml(TrainConfig, args.config)
     elif args.preset is not None:
-        path = CONFIG_DIR / f"train-{args.preset}.yaml"
-        if not path.is_file():
-            raise CliError(f"preset {args.preset!r}: {path} is missing from this installation")
-        cfg = load_yaml(TrainConfig, path)
+        cfg = load_yaml(TrainConfig, preset_path("train", args.preset))
     else:
         cfg = TrainConfig()
     cfg = apply_overrides(cfg, args.overrides)
@@ -184,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    from pipeline.distributed import DistributedError, env_from_os
+    from pipeline.distributed import env_from_os
 
     try:
         env = env_from_os()
