@@ -239,7 +239,7 @@ def _train(args: argparse.Namespace, cfg: TrainConfig, env: DistEnv) -> int:
     progress = None if args.quiet or not env.is_main else TqdmProgress()
     try:
         with start(cfg.device, env, fan_out=args.fan_out) as parallel:
-            result = run_training(args.store, cfg, args.out, hooks=progress, parallel=parallel)
+            run_training(args.store, cfg, args.out, hooks=progress, parallel=parallel)
     except PeerError as err:
         if env.is_main:
             log.error("comp-train: %s", err)
@@ -251,9 +251,7 @@ def _train(args: argparse.Namespace, cfg: TrainConfig, env: DistEnv) -> int:
         if env.is_main:
             log.error("comp-train: interrupted; per-run checkpoints already written are in %s", args.out / "runs")
         return 130
-    if not args.quiet and env.is_main:
-        print(result.summary_text(), file=sys.stdout)
-    return 0
+    return 0  # the summary was logged by run_training (console and train.log)
 
 
 if __name__ == "__main__":
