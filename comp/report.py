@@ -227,14 +227,19 @@ def _heads_table(runs: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> s
 
 
 def compare_baselines(summary: Mapping[str, Mapping[str, Any]], baselines: Mapping[str, Mapping[str, Any]],
-                      primary: str) -> tuple[str, list[str]]:
-    """(HTML table ComP vs baselines, sentences naming each metric where a baseline beats ComP)."""
+                      primary: str, condition: str | None = None) -> tuple[str, list[str]]:
+    """(HTML table ComP vs baselines, sentences naming each metric where a baseline beats ComP).
+
+    `summary` is ComP's and each baseline's "summary" is compared with it; `condition` (a missingness
+    condition such as random:0.3) is named in the sentences when given."""
     metrics = [k for k in summary] + [k for b in baselines.values() for k in (b.get("summary") or {})
                                       if k not in summary]
     metrics = list(dict.fromkeys(metrics))
     rows = [[html.escape(k)] + [_mean_std(summary.get(k))] +
             [_mean_std((b.get("summary") or {}).get(k)) for b in baselines.values()] for k in metrics]
     table = _table(["metric", "ComP"] + list(baselines), rows, "baselines")
+    scope = ("Pooled over the conditions" if condition == "pooled" else f"Under {condition}") if condition else ""
+    where = f"{scope}, the" if scope else "The"
     sentences = []
     for name, b in baselines.items():
         theirs = b.get("summary") or {}
@@ -248,10 +253,74 @@ def compare_baselines(summary: Mapping[str, Mapping[str, Any]], baselines: Mappi
         if wins:
             lead = "including the selection metric " + primary if any(w.startswith(primary + " ") for w in wins) \
                 else "but not on the selection metric " + primary
-            sentences.append(f"The baseline “{name}” beats ComP on {', '.join(wins)} — {lead}.")
+            sentences.append(f"{where} baseline “{name}” beats ComP on {', '.join(wins)} — {lead}.")
     if not sentences and baselines:
-        sentences.append("No baseline beats ComP on any metric.")
+        sentences.append(f"{scope}, no baseline beats ComP on any metric." if scope
+                         else "No baseline beats ComP on any metric.")
+    best = _best_baseline(summary, baselines, primary)
+    if best:
+        sentences.append(best)
     return table, sentences
+
+
+def _best_baseline(summary: Mapping[str, Mapping[str, Any]], baselines: Mapping[str, Mapping[str, Any]],
+                   primary: str) -> str | None:
+    """One sentence: the strongest baseline on the selection metric and ComP's margin over it."""
+    scored = [(name, ((b.get("summary") or {}).get(primary) or {}).get("mean")) for name, b in baselines.items()]
+    scored = [(n, v) for n, v in scored if v is not None and math.isfinite(v)]
+    ours = (summary.get(primary) or {}).get("mean")
+    if not scored or ours is None or not math.isfinite(ours):
+        return None
+    sign = 1.0 if higher_is_better(primary) else -1.0
+    name, value = max(scored, key=lambda nv: sign * nv[1])
+    margin = sign * (ours - value)
+    verdict = "ComP is ahead by" if margin > 0 else "ComP trails it by" if margin < 0 else "a tie,"
+    return (f"Strongest baseline on {primary}: “{name}” with {_fmt(value)}; ComP has {_fmt(ours)} "
+            f"({verdict} {_fmt(abs(margin))}).")
+
+
+def _baseline_summaries(baselines: Mapping[str, Mapping[str, Any]], condition: str,
+                        main_condition: str) -> dict[str, dict[str, Any]]:
+    """Each baseline's summary under `condition`: its summary_by_condition, else its runs of that condition,
+    else (main condition only) its overall summary."""
+    out = {}
+    for name, b in baselines.items():
+        by_cond = b.get("summary_by_condition") or {}
+        if condition in by_cond:
+            summ = by_cond[condition]
+        elif any(str(r.get("condition")) == condition for r in b.get("runs") or []):
+            summ = summarize([r.get("test") or {} for r in b["runs"] if str(r.get("condition")) == condition])
+        elif condition == main_condition:
+            summ = b.get("summary") or {}
+        else:
+            continue
+        out[name] = {"summary": summ}
+    return out
+
+
+def _baselines_section(runs: Sequence[Mapping[str, Any]], summary: Mapping[str, Any],
+                       baselines: Mapping[str, Mapping[str, Any]], primary: str) -> str:
+    """ComP and every baseline side by side, one table per missingness condition (the main one first)."""
+    conditions = list(dict.fromkeys(str(r.get("condition", "")) for r in runs))
+    main = conditions[-1] if conditions else ""
+    parts = ["<h2>ComP vs baselines</h2><p>Test scores, mean ± std over the same folds, seeds and test masks. "
+             "Baselines are linear models (scikit-learn) with the regularisation chosen on the same "
+             "validation data as ComP:</p><ul>"]
+    for name, b in baselines.items():
+        desc = b.get("description")
+        parts.append(f"<li><b>{html.escape(name)}</b>{': ' + html.escape(str(desc)) if desc else ''}</li>")
+    parts.append("</ul>")
+    for cond in [main] + [c for c in conditions if c != main]:
+        ours = summary if cond == main else summarize([r.get("test") or {} for r in runs
+                                                       if str(r.get("condition", "")) == cond])
+        theirs = _baseline_summaries(baselines, cond, main)
+        if not theirs:
+            continue
+        named = cond if len(conditions) > 1 or cond not in ("", "natural") else None
+        table, sentences = compare_baselines(ours, theirs, primary, named)
+        title = f"Condition {html.escape(cond)}" + (" (main)" if cond == main and len(conditions) > 1 else "")
+        parts.append(f"<h3>{title}</h3>" + table + "".join(f"<p>{html.escape(t)}</p>" for t in sentences))
+    return "".join(parts)
 
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
@@ -267,7 +336,9 @@ def write_report(out_dir: Path, runs: list[dict], summary: dict, baselines: dict
     "train_loss", "val": {metric: v}, "val_heads": {modality: {metric: v}}, "coordinator": {modality: w} |
     None}], "test": {metric: v}, "test_heads": {modality: {metric: v}}, "confusion": [[int]] | None,
     "label_names": [str], "task"}; summary = {metric: {"mean", "std", "n"}};
-    baselines = {name: {"summary": {metric: {"mean", "std", "n"}}}}.
+    baselines = {name: {"summary": {metric: {"mean", "std", "n"}} (main condition), optional "description",
+    "summary_by_condition": {condition: summary} and "runs": [{"condition", "test", ...}]}} (comp.baselines);
+    ComP and the baselines are shown side by side per condition.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -290,9 +361,7 @@ def write_report(out_dir: Path, runs: list[dict], summary: dict, baselines: dict
                      "protocol for an honest estimate.</p>")
     parts.append("<h2>Summary (test, mean ± std over seeds and folds)</h2>" + _summary_table(summary, primary))
     if baselines:
-        table, sentences = compare_baselines(summary, baselines, primary)
-        parts.append("<h2>ComP vs baselines</h2>" + table +
-                     "".join(f"<p>{html.escape(s)}</p>" for s in sentences))
+        parts.append(_baselines_section(runs, summary, baselines, primary))
 
     conditions = list(dict.fromkeys(str(r.get("condition", "")) for r in runs))
     for cond in conditions:

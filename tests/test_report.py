@@ -63,3 +63,20 @@ def test_report_separates_conditions_and_flags_test_selection(tmp_path):
     page = write_report(tmp_path, runs, summarize([r["test"] for r in runs])).read_text(encoding="utf-8")
     assert (tmp_path / "learning_curves_fixed_a.png").exists() and (tmp_path / "confusion_fixed_at.png").exists()
     assert "chosen on the test set" in page
+
+
+def test_report_compares_baselines_per_condition(tmp_path):
+    """Each condition gets its own ComP-vs-baseline table, and a win under one condition is named with it."""
+    runs = [fake_run("1", 66, condition="fixed:a"), fake_run("1", 66, shift=0.1, condition="fixed:at"),
+            fake_run("1", 66, shift=0.05, condition="pooled")]
+    by_cond = {"fixed:a": {"wf1": {"mean": 0.65, "std": 0.0, "n": 1}},
+               "fixed:at": {"wf1": {"mean": 0.65, "std": 0.0, "n": 1}},
+               "pooled": {"wf1": {"mean": 0.64, "std": 0.0, "n": 1}}}
+    baselines = {"linear": {"description": "a linear model", "summary": by_cond["pooled"],
+                            "summary_by_condition": by_cond, "runs": []}}
+    page = write_report(tmp_path, runs, summarize([runs[-1]["test"]]), baselines).read_text(encoding="utf-8")
+    assert "<h3>Condition pooled (main)</h3>" in page and "<h3>Condition fixed:a</h3>" in page
+    assert "Under fixed:a, the baseline “linear” beats ComP on wf1 (0.6500 vs 0.6000)" in page
+    assert "Under fixed:at, no baseline beats ComP on any metric." in page
+    assert "Strongest baseline on wf1: “linear” with 0.6400; ComP has 0.6500 (ComP is ahead by 0.0100)." in page
+    assert "a linear model" in page
