@@ -73,21 +73,3 @@ def deterministic(device: torch.device | str) -> Iterator[None]:
         torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev_tf32
         torch.backends.cudnn.benchmark = prev_bench
-
-
-def resolve_device(spec: str) -> torch.device:
-    """`auto` -> the first CUDA device when there is one, else CPU; `cuda[:N]` must exist."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError as err:
-        raise ValueError(f"unknown device {spec!r}; use auto, cpu, cuda or cuda:N") from err
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {spec!r} asked for, but torch sees no CUDA device; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) present")
-    elif device.type != "cpu":
-        raise ValueError(f"unsupported device {spec!r}; use auto, cpu, cuda or cuda:N")
-    return device

@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 from comp.config import MODALITY_ORDER, TrainConfig
-from comp.seeding import deterministic, mask_rng, resolve_device, seed_everything
+from comp.seeding import deterministic, mask_rng, seed_everything
+from pipeline.devices import resolve_device
 
 log = logging.getLogger(__name__)
 

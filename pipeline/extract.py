@@ -50,6 +50,7 @@ from extractors.base import ClipInput, Extractor, ExtractorOutput, ProgressHook
 from pipeline.configuration import ConfigError, from_dict, to_dict
 from pipeline.decode import DecodeConfig, DecodeError, decode_clip
 from pipeline.distributed import DistributedError, Job, agree, all_gather, run_on_main
+from pipeline import devices
 from pipeline.extract_config import (STAGE_NAMES, ExtractionConfig, StageConfig, extractor_class,
                                      extractor_config, import_plugins)
 from pipeline.inputs import ClipItem, InputError, check_unique_ids, infer_task
@@ -70,21 +71,11 @@ class ExtractionError(RuntimeError):
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """`auto` -> the first CUDA device when there is one, else the CPU; `cuda:N` is checked to exist."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """`pipeline.devices.resolve_device`, failing as an ExtractionError (a systemic failure of the run)."""
     try:
-        dev = torch.device(device)
-    except RuntimeError as err:
-        raise ExtractionError(f"device {device!r} is not valid; use auto, cpu, cuda or cuda:N") from err
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ExtractionError(f"device {device!r} asked for, but no CUDA device is available; use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ExtractionError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
-    return dev
+        return devices.resolve_device(device)
+    except ValueError as err:
+        raise ExtractionError(str(err)) from None
 
 
 def _short(text: str) -> str:

@@ -172,7 +172,7 @@ class Predictor:
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto") -> "Predictor":
         """Load the checkpoint and rebuild its extractors; PredictError (one line) when it cannot be honoured."""
         from comp.checkpoint import CheckpointError, build_model_from_checkpoint, load_checkpoint
-        from comp.seeding import resolve_device
+        from pipeline.devices import resolve_device
 
         checkpoint = resolve_checkpoint(path)
         try:

@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             raise CliError("--nproc inside a torchrun job: use one or the other")
         cfg = resolve_config(args)
         from comp.masks import parse_missing
-        from comp.seeding import resolve_device
+        from pipeline.devices import resolve_device
         from pipeline.store import StoreError, read_header
 
         try:
