@@ -47,7 +47,7 @@ from extractors.packaged import (
     resolve_model,
     unavailable,
 )
-from pipeline.configuration import ConfigError, from_dict
+from pipeline.configuration import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -283,9 +283,8 @@ class WhisperASR(Extractor):
     config_cls = WhisperConfig
 
     def __init__(self, config: WhisperConfig | dict[str, Any], device: torch.device | str = "cpu") -> None:
-        if not isinstance(config, WhisperConfig):
-            config = from_dict(WhisperConfig, config or {})
         super().__init__(config, device)
+        config = self.config
         self.loaded = load_whisper(config.model, self.device)
         self.model = self.loaded.model
 

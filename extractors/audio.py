@@ -29,7 +29,7 @@ from extractors import asr, vad
 from extractors.base import SAMPLE_RATE, ClipInput, Extractor, ExtractorOutput, register
 from extractors.packaged import hf_identity, load_hf
 from extractors.pooling import LayerSpec, check_depth, combine_layers, describe_layers, masked_sum, validate_layers
-from pipeline.configuration import ConfigError, from_dict
+from pipeline.configuration import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -87,9 +87,8 @@ class HFAudioEncoder(Extractor):
     config_cls = HFAudioConfig
 
     def __init__(self, config: HFAudioConfig | dict[str, Any], device: torch.device | str = "cpu") -> None:
-        if not isinstance(config, HFAudioConfig):
-            config = from_dict(HFAudioConfig, config or {})
         super().__init__(config, device)
+        config = self.config
         from transformers import AutoFeatureExtractor, AutoModel
 
         self.feature_extractor = load_hf(AutoFeatureExtractor, config.model, config.revision)
@@ -222,9 +221,8 @@ class WhisperEncoderFeatures(Extractor):
     config_cls = WhisperEncoderConfig
 
     def __init__(self, config: WhisperEncoderConfig | dict[str, Any], device: torch.device | str = "cpu") -> None:
-        if not isinstance(config, WhisperEncoderConfig):
-            config = from_dict(WhisperEncoderConfig, config or {})
         super().__init__(config, device)
+        config = self.config
         self.loaded = asr.load_whisper(config.model, self.device)
         self.n_states = self.loaded.model.dims.n_audio_layer + 1
         check_depth(config.layers, self.n_states)

@@ -15,6 +15,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from pipeline.configuration import from_dict
+
 SAMPLE_RATE = 16_000  # Hz; every audio array handed to an extractor is mono float32 at this rate
 STAGES: tuple[str, ...] = ("asr", "audio", "text", "visual")
 
@@ -52,7 +54,12 @@ class Extractor(abc.ABC):
     stage: ClassVar[str]  # one of STAGES
     config_cls: ClassVar[type]
 
-    def __init__(self, config: Any, device: torch.device | str = "cpu") -> None:
+    def __init__(self, config: Any = None, device: torch.device | str = "cpu") -> None:
+        """`config`: an instance of `config_cls`, a plain mapping (checked strictly), or None for defaults."""
+        if config is None:
+            config = self.config_cls()
+        elif not isinstance(config, self.config_cls):
+            config = from_dict(self.config_cls, config, self.stage)
         self.config = config
         self.device = torch.device(device)
 

@@ -23,7 +23,7 @@ import torch
 from extractors.base import ClipInput, Extractor, ExtractorOutput, register
 from extractors.packaged import hf_identity, load_hf
 from extractors.pooling import LayerSpec, check_depth, combine_layers, describe_layers, masked_sum, validate_layers
-from pipeline.configuration import ConfigError, from_dict
+from pipeline.configuration import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -69,9 +69,8 @@ class HFTextEncoder(Extractor):
     config_cls = HFTextConfig
 
     def __init__(self, config: HFTextConfig | dict[str, Any], device: torch.device | str = "cpu") -> None:
-        if not isinstance(config, HFTextConfig):
-            config = from_dict(HFTextConfig, config or {})
         super().__init__(config, device)
+        config = self.config
         from transformers import AutoModel, AutoTokenizer
 
         self.tokenizer = load_hf(AutoTokenizer, config.model, config.revision)

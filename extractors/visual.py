@@ -25,7 +25,7 @@ import torch
 from extractors.base import ClipInput, Extractor, ExtractorOutput, register
 from extractors.faces import Box, HaarConfig, build_detector, largest
 from extractors.mini_xception import EMBED_DIM, INPUT_SIZE, FaceExpressionEncoder
-from extractors.packaged import file_sha256
+from extractors.packaged import file_sha256, load_hf
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +83,8 @@ class _HuggingFaceImageEncoder:
 
         self.name = name_or_path
         self.device = device
-        self.processor = AutoImageProcessor.from_pretrained(name_or_path)
-        self.model = AutoModel.from_pretrained(name_or_path).to(device).eval()
+        self.processor = load_hf(AutoImageProcessor, name_or_path)
+        self.model = load_hf(AutoModel, name_or_path).to(device).eval()
         probe = self._forward([np.full((INPUT_SIZE, INPUT_SIZE, 3), 128, np.uint8)])
         self.dim = int(probe.shape[1])
 
@@ -150,8 +150,8 @@ class FaceExtractor(Extractor):
     stage = "visual"
     config_cls = FaceConfig
 
-    def __init__(self, config: FaceConfig | None = None, device: torch.device | str = "cpu") -> None:
-        super().__init__(config or FaceConfig(), device)
+    def __init__(self, config: FaceConfig | dict | None = None, device: torch.device | str = "cpu") -> None:
+        super().__init__(config, device)
         cfg: FaceConfig = self.config
         settings = cfg.haar if cfg.detector == "haar" else None
         self.detector = build_detector(cfg.detector, settings)
