@@ -89,15 +89,36 @@ class GradientModulator:
         self.error_kind = q.modulator_error
         self.per_slot = isinstance(model.prototypes, TimeAxisPrototypes)
 
+    def rows(self, batch: ComPBatch) -> torch.Tensor:
+        """bool [B,S]: the utterances whose errors enter the batch sums (an unlabelled one has no error)."""
+        rows = batch.scored
+        if self.per_slot and self.task == "regression":  # released code: only utterances with a non-zero label
+            rows = rows & (batch.targets != 0)
+        return rows
+
+    def weights_from(self, errors: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """W [3,B,S] from errors [3,B,S] over `rows`: the released arithmetic per slot, guarded and clipped
+        in the clean layout."""
+        if self.per_slot:
+            return instance_weights(errors, rows, guard=False, clip=None)
+        return instance_weights(errors, rows, guard=True, clip=(0.0, self.cfg.modulator_max))
+
     def weights(self, out: ComPOutput, batch: ComPBatch) -> torch.Tensor:
         """Per-instance W [3,B,S] for this batch (exposed for inspection and tests)."""
         errors = modality_errors(out.head_logits, batch.targets, self.task, self.error_kind)
-        rows = batch.scored  # an unlabelled utterance has no error: W = 1
-        if self.per_slot:
-            if self.task == "regression":  # released code: only utterances with a non-zero label
-                rows = rows & (batch.targets != 0)
-            return instance_weights(errors, rows, guard=False, clip=None)
-        return instance_weights(errors, rows, guard=True, clip=(0.0, self.cfg.modulator_max))
+        return self.weights_from(errors, self.rows(batch))
+
+    @staticmethod
+    def scale_slots(param: torch.nn.Parameter, w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Per-slot layout: multiply column s of the time-axis weight's gradient by the mean W of slot s over
+        `rows` (1 where no utterance); returns the slot means [3,S]."""
+        r = rows.to(w.dtype)
+        n = r.sum(0)  # [S]
+        slot_w = torch.where(n > 0, (w * r).sum(1) / n.clamp_min(1), torch.ones_like(w[:, 0]))
+        full = torch.ones(param.shape[:2], dtype=param.grad.dtype, device=param.grad.device)
+        full[:, : slot_w.shape[1]] = slot_w
+        param.grad.mul_(full[..., None])  # [3,S,c]: column s of the released [c,S] weight
+        return slot_w
 
     def apply(self, out: ComPOutput, batch: ComPBatch) -> dict[str, float]:
         """Modulate the gradient in place; returns summary numbers ({} when off or in stage 1)."""
@@ -108,15 +129,7 @@ class GradientModulator:
             return {}
         w = self.weights(out, batch)
         if self.per_slot:
-            rows = batch.scored if self.task != "regression" else batch.scored & (batch.targets != 0)
-            r = rows.to(w.dtype)
-            n = r.sum(0)  # [S]
-            slot_w = (w * r).sum(1) / n  # [3,S], NaN where no valid utterance
-            slot_w = torch.where(n > 0, slot_w, torch.ones_like(slot_w))
-            full = torch.ones(param.shape[:2], dtype=param.grad.dtype, device=param.grad.device)
-            full[:, : slot_w.shape[1]] = slot_w
-            param.grad.mul_(full[..., None])  # [3,S,c]: column s of the released [c,S] weight
-            used = slot_w
+            used = self.scale_slots(param, w, self.rows(batch))
         else:
             logits = out.aux.get("assign_logits")
             if logits is None or logits.grad is None:

@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from comp.batch import ComPBatch, ComPOutput
 from comp.config import ModelConfig
-from comp.modulator import GradientModulator, instance_weights, modality_errors
+from comp.modulator import GradientModulator, modality_errors
 from pipeline.distributed import DistEnv, Job, device_for_rank, process_group
 
 log = logging.getLogger(__name__)
@@ -274,21 +274,10 @@ class SyncedModulator(GradientModulator):
         super().__init__(model, cfg, task)
         self.parallel = parallel
 
-    def _rows(self, batch: ComPBatch) -> torch.Tensor:
-        """The rows GradientModulator.weights sums over (kept in step with it)."""
-        rows = batch.scored  # an unlabelled utterance has no error
-        if self.per_slot and self.task == "regression":  # released code: utterances with a non-zero label
-            rows = rows & (batch.targets != 0)
-        return rows
-
     def _global(self, out: ComPOutput, batch: ComPBatch) -> tuple[torch.Tensor, torch.Tensor, tuple]:
         errors = modality_errors(out.head_logits, batch.targets, self.task, self.error_kind)
-        g_err, g_rows, mine = self.parallel.gather_rows(errors, self._rows(batch))
-        if self.per_slot:
-            w = instance_weights(g_err, g_rows, guard=False, clip=None)
-        else:
-            w = instance_weights(g_err, g_rows, guard=True, clip=(0.0, self.cfg.modulator_max))
-        return w, g_rows, mine
+        g_err, g_rows, mine = self.parallel.gather_rows(errors, self.rows(batch))
+        return self.weights_from(g_err, g_rows), g_rows, mine
 
     def weights(self, out: ComPOutput, batch: ComPBatch) -> torch.Tensor:
         w, _, (b, s) = self._global(out, batch)
@@ -308,12 +297,7 @@ class SyncedModulator(GradientModulator):
 
     def _apply_per_slot(self, out: ComPOutput, batch: ComPBatch, param: torch.nn.Parameter) -> dict[str, float]:
         w, rows, _ = self._global(out, batch)
-        r = rows.to(w.dtype)
-        n = r.sum(0)  # [S] valid utterances per slot over the whole batch
-        slot_w = torch.where(n > 0, (w * r).sum(1) / n.clamp_min(1), torch.ones_like(w[:, 0]))
-        full = torch.ones(param.shape[:2], dtype=param.grad.dtype, device=param.grad.device)
-        full[:, : slot_w.shape[1]] = slot_w
-        param.grad.mul_(full[..., None])
+        self.scale_slots(param, w, rows)  # slot means over the whole batch: the same scaling on every rank
         return {}
 
 
