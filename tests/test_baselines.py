@@ -151,3 +151,20 @@ def test_report_shows_comp_beside_the_baselines(cli_run):
     for name in NAMES:
         assert f"<th>{name}</th>" in page
     assert "Strongest baseline on wf1" in page
+
+
+@pytest.mark.slow
+def test_comp_clean_matches_the_context_baseline_when_trained_long_enough(tmp_path):
+    """Where the label depends on the conversation, ComP (clean, 100 epochs) reaches the context baseline."""
+    store = make_synthetic_store(tmp_path / "conv.h5", n_conversations=120, utterances=(6, 12),
+                                 conversation_offset=2.0, seed=1)
+    data = read_store(store)
+    model = ModelConfig(hidden=64, depth=2, heads=2, drop_rate=0.3, prompt_dim=8, n_prototypes=4)
+    cfg = TrainConfig(model=model, epochs=100, stage_epochs=30, batch_size=8, lr=1e-3, weight_decay=1e-4,
+                      device="cpu", baselines=False, save_run_checkpoints=False)
+    baselines = run_baselines(data=data, cfg=cfg)
+    context = baselines["linear+mask+context"]["summary"]["wf1"]["mean"]
+    context_free = baselines["linear+mask"]["summary"]["wf1"]["mean"]
+    comp = train_protocol(data, cfg).summary["wf1"]["mean"]
+    assert context > context_free + 0.03  # the conversation carries label information here
+    assert comp >= context - 0.03, (comp, context)
