@@ -120,12 +120,17 @@ class GradientModulator:
         param.grad.mul_(full[..., None])  # [3,S,c]: column s of the released [c,S] weight
         return slot_w
 
+    def target(self, out: ComPOutput, batch: ComPBatch) -> torch.nn.Parameter | None:
+        """The parameter to modulate now, or None: off, stage 1 (no coordinator output), no targets, no grad."""
+        if not self.enabled or out.weights is None or batch.targets is None:
+            return None
+        param = self.model.prototypes.modulated_weight
+        return param if param.grad is not None else None
+
     def apply(self, out: ComPOutput, batch: ComPBatch) -> dict[str, float]:
         """Modulate the gradient in place; returns summary numbers ({} when off or in stage 1)."""
-        if not self.enabled or out.weights is None or batch.targets is None:
-            return {}
-        param = self.model.prototypes.modulated_weight
-        if param.grad is None:
+        param = self.target(out, batch)
+        if param is None:
             return {}
         w = self.weights(out, batch)
         if self.per_slot:

@@ -284,10 +284,8 @@ class SyncedModulator(GradientModulator):
         return w[:, b, s]
 
     def apply(self, out: ComPOutput, batch: ComPBatch) -> dict[str, float]:
-        if not self.enabled or out.weights is None or batch.targets is None:
-            return {}
-        param = self.model.prototypes.modulated_weight
-        if param.grad is None:
+        param = self.target(out, batch)
+        if param is None:
             return {}
         if self.per_slot:
             return self._apply_per_slot(out, batch, param)
