@@ -208,7 +208,9 @@ def test_checkpoint_without_manifest_is_rebuilt(fake_packages: tuple) -> None:
     cache.mkdir(parents=True)
     (cache / f"{name}.pt").write_bytes(b"not a checkpoint")
     path = packaged.whisper_checkpoint(name)
-    whisper.load_model(str(path))
+    assert path.read_bytes() != b"not a checkpoint"
+    assert path.with_suffix(".json").is_file()  # the manifest, written last, now vouches for it
+    whisper.load_model(str(path))  # and it loads
 
 
 def test_corrupt_parts_are_refused(fake_packages: tuple) -> None:
