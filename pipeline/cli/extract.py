@@ -19,6 +19,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from pipeline.cli import HelpFormatter
 from pipeline.cli.logs import DETAILED, cli_logging, level_for, quiet_transformers
 from pipeline.configuration import ConfigError, apply_overrides, dump_yaml
 from pipeline.distributed import (DistEnv, DistributedError, PeerError, device_for_rank, env_from_os, launch_local,
@@ -51,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="comp-extract",
         description="Decode clips, run ASR and the audio/text/face encoders, and write one feature store "
                     "(HDF5) with every missing modality and its reason. Rerunning the same command resumes.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         epilog=EPILOG,
     )
     p.add_argument("input", nargs="?", metavar="INPUT",

@@ -11,6 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
+from pipeline.cli import HelpFormatter
 from pipeline.cli.logs import cli_logging, level_for
 from pipeline.gcnet_import import DATASETS, GcnetImportError, import_gcnet
 from pipeline.store import StoreError
@@ -36,20 +37,11 @@ class CliError(Exception):
     """A usage problem: printed without a traceback, exit status 2."""
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults in --help (where there is one worth showing), and the epilog's line breaks kept."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.required or action.default in (None, False):
-            return action.help
-        return super()._get_help_string(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="comp-import", formatter_class=_Formatter, epilog=EPILOG,
+    p = argparse.ArgumentParser(prog="comp-import", formatter_class=HelpFormatter, epilog=EPILOG,
                                 description="Import public pre-extracted feature sets into a feature store.")
     sub = p.add_subparsers(dest="command", metavar="SOURCE", required=True)
-    g = sub.add_parser("gcnet", formatter_class=_Formatter, epilog=EPILOG,
+    g = sub.add_parser("gcnet", formatter_class=HelpFormatter, epilog=EPILOG,
                        help="GCNet / SDR-GNN / MoMKE / ComP sets (IEMOCAP-4/6, CMU-MOSI, CMU-MOSEI)",
                        description="Import a GCNet-format set: a label pickle and one folder of utterance-level "
                                    ".npy vectors per modality.")

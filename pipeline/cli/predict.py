@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from pipeline.cli import HelpFormatter
 from pipeline.cli.logs import cli_logging, level_for, quiet_transformers
 
 EPILOG = """examples:
@@ -33,7 +34,7 @@ object says why); 2 usage error, or a checkpoint this installation cannot honour
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="comp-predict", description=__doc__.split("\n")[0], epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="CLIP", help="media files and/or folders (searched recursively)")
     p.add_argument("--model", "-m", required=True, metavar="RUN",
                    help="run folder written by comp-train (holding best.pt) or a checkpoint file")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from comp.config import TrainConfig
 from pipeline.distributed import DistEnv, DistributedError
+from pipeline.cli import HelpFormatter
 from pipeline.cli.logs import cli_logging, level_for
 from pipeline.configuration import ConfigError, apply_overrides, load_yaml
 from pipeline.presets import available_presets, preset_path
@@ -60,7 +61,7 @@ class CliError(Exception):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="comp-train", description="Train and evaluate ComP (cross-modal prompting) on a feature store.",
-        formatter_class=_Formatter, epilog=EPILOG)
+        formatter_class=HelpFormatter, epilog=EPILOG)
     p.add_argument("store", type=Path, help="feature store written by comp-extract or comp-import")
     p.add_argument("--out", type=Path, required=True, help="output folder (created; files in it are replaced)")
     src = p.add_mutually_exclusive_group()
@@ -92,10 +93,6 @@ def build_parser() -> argparse.ArgumentParser:
     verb.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--log-file", type=Path, default=None, help="log file (default: OUT/train.log)")
     return p
-
-
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults in --help, and the epilog's line breaks kept."""
 
 
 def resolve_config(args: argparse.Namespace):
