@@ -236,15 +236,3 @@ class ComP(nn.Module):
         return {u: grid[i] for i, u in enumerate(MODALITY_ORDER)}
 
     # ------------------------------------------------------------------ introspection
-
-    def stage_modules(self, stage: int) -> dict[str, nn.Module]:
-        """Top-level modules that stage `stage` trains (the rest get no gradient in that stage)."""
-        names = ["in_proj", "shared_enc", "kp1.block", "kp2.block", "heads"]
-        if self.private_enc is not None:
-            names.append("private_enc")
-        if stage == 2 or self.quirks.stage1_reconstruction:
-            names.append("decoders")
-        if stage == 2:
-            names += ["prototypes", "pg1", "pg2", "kp1.in_proj", "kp1.out_proj", "kp2.in_proj",
-                      "coordinator", "fusion"]
-        return {n: self.get_submodule(n) for n in names}

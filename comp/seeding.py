@@ -39,13 +39,6 @@ def mask_rng(seed: int, stream: int = MASK_STREAM) -> np.random.Generator:
     return np.random.default_rng([seed, stream])
 
 
-def torch_generator(seed: int) -> torch.Generator:
-    """A CPU torch generator (batch shuffling) that no library call can advance behind our back."""
-    gen = torch.Generator()
-    gen.manual_seed(seed)
-    return gen
-
-
 @contextlib.contextmanager
 def deterministic(device: torch.device | str) -> Iterator[None]:
     """Deterministic kernels for the duration of a run; the previous global settings are restored after.
