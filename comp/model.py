@@ -234,5 +234,3 @@ class ComP(nn.Module):
     def _split_heads(heads: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
         grid = layout.pad(heads)  # [3,B,L,C]
         return {u: grid[i] for i, u in enumerate(MODALITY_ORDER)}
-
-    # ------------------------------------------------------------------ introspection
