@@ -12,6 +12,7 @@ between them (comp.parallel). Rank 0 writes the outputs and the log; the others 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -95,9 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve_config(args: argparse.Namespace):
-    """The TrainConfig the flags describe: preset/file, then --set, then the short flags."""
+# the short flags and the config keys they set (applied after --set, so they win)
+SHORT_FLAGS = {"variant": "model.variant", "missing": "missing", "epochs": "epochs", "stage_epochs": "stage_epochs",
+               "seeds": "seeds", "folds": "folds", "device": "device", "batch_size": "batch_size",
+               "baselines": "baselines"}
 
+
+def resolve_config(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig the flags describe: preset/file, then --set, then the short flags."""
     if args.config is not None:
         if not args.config.is_file():
             raise CliError(f"--config {args.config}: no such file")
@@ -107,32 +113,12 @@ def resolve_config(args: argparse.Namespace):
     else:
         cfg = TrainConfig()
     cfg = apply_overrides(cfg, args.overrides)
-    flags: list[str] = []
-    if args.variant is not None:
-        flags.append(f"model.variant={args.variant}")
-    if args.missing is not None:
-        flags.append(f"missing={args.missing}")
-    if args.epochs is not None:
-        flags.append(f"epochs={args.epochs}")
-        if args.stage_epochs is None:  # keep the preset's stage-1 share of the schedule
-            share = cfg.stage_epochs / cfg.epochs if cfg.epochs else 0.5
-            flags.append(f"stage_epochs={min(args.epochs, round(args.epochs * share))}")
-    if args.stage_epochs is not None:
-        flags.append(f"stage_epochs={args.stage_epochs}")
-    if args.seeds is not None:
-        flags.append(f"seeds={args.seeds}")
-    if args.folds is not None:
-        flags.append(f"folds={args.folds}")
-    if args.device is not None:
-        flags.append(f"device={args.device}")
-    if args.batch_size is not None:
-        flags.append(f"batch_size={args.batch_size}")
-    if args.baselines is not None:
-        flags.append(f"baselines={str(args.baselines).lower()}")
-    # quote string values so that YAML never reads "1,3" or "random:0.3" as something else
-    quoted = [f"{k}={v!r}" if k in ("missing", "folds", "device") else f"{k}={v}"
-              for k, v in (f.split("=", 1) for f in flags)]
-    cfg = apply_overrides(cfg, quoted)
+    flags = {key: getattr(args, flag) for flag, key in SHORT_FLAGS.items() if getattr(args, flag) is not None}
+    if args.epochs is not None and args.stage_epochs is None:  # keep the preset's stage-1 share of the schedule
+        share = cfg.stage_epochs / cfg.epochs if cfg.epochs else 0.5
+        flags["stage_epochs"] = min(args.epochs, round(args.epochs * share))
+    # JSON is YAML: strings stay strings, so "1,3" or "random:0.3" are never read as something else
+    cfg = apply_overrides(cfg, [f"{key}={json.dumps(value)}" for key, value in flags.items()])
     if cfg.batch_size < 1:
         raise CliError("batch size must be >= 1")
     if cfg.epochs < 1:
