@@ -109,6 +109,7 @@ class TrainConfig:
     save_run_checkpoints: bool = True  # one checkpoint per fold/seed under runs/ besides best.pt
     baselines: bool = True  # fit the simple baselines on the same splits and masks
     num_threads: int = 0  # torch CPU threads, 0 = torch's default
+    refit: bool = False  # also retrain the saved run on train+val for its selected epochs -> refit.pt
 
     def __post_init__(self) -> None:
         if not 0 <= self.stage_epochs <= self.epochs:

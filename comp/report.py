@@ -329,7 +329,51 @@ th{background:#f0f0f0}td:first-child{text-align:left}figure{display:inline-block
 img{max-width:100%}.note{background:#fff4d6;border-left:4px solid #e0a800;padding:0.5em 1em}"""
 
 
-def write_report(out_dir: Path, runs: list[dict], summary: dict, baselines: dict | None = None) -> Path:
+def _saved_section(saved: Mapping[str, Any]) -> str:
+    """Which run and epoch best.pt holds, its validation and test scores, the split sizes, refit.pt, warnings."""
+    parts = ["<h2>Saved model</h2>"]
+    best = saved.get("best")
+    if best:
+        metric = best.get("selection_metric", "")
+        n_runs = int(saved.get("n_runs") or 1)
+        how = (f", the best of {n_runs} runs on {html.escape(str(best.get('selected_on')))} "
+               f"{html.escape(str(metric))} (ties: lower validation loss, then the earlier run)"
+               if n_runs > 1 else "")
+        parts.append(f"<p><code>best.pt</code> holds run <b>{html.escape(str(best.get('run')))}</b> at epoch "
+                     f"<b>{html.escape(str(best.get('best_epoch')))}</b> (stage {html.escape(str(best.get('stage')))})"
+                     f"{how}.</p>")
+        val, test = best.get("val") or {}, best.get("test") or {}
+        names = list(dict.fromkeys([*val, *test]))
+        rows = []
+        if val:
+            rows.append(["validation"] + [_fmt(val.get(k)) for k in names] + [_fmt(best.get("val_loss"))])
+        if test:
+            rows.append(["test"] + [_fmt(test.get(k)) for k in names] + ["–"])
+        if rows:
+            parts.append(_table(["split"] + names + ["loss"], rows, "saved"))
+    splits = saved.get("splits") or {}
+    fold = str(best.get("fold")) if best else next(iter(splits), None)
+    sizes = splits.get(fold) or {}
+    if sizes:
+        classes = list(dict.fromkeys(c for info in sizes.values() for c in (info.get("per_class") or {})))
+        rows = [[html.escape(name), str(info.get("clips")), str(info.get("conversations"))]
+                + [f"{info['per_class'][c]['clips']} / {info['per_class'][c]['conversations']}"
+                   if c in (info.get("per_class") or {}) else "–" for c in classes]
+                for name, info in sizes.items()]
+        title = f"Splits of fold {html.escape(fold)}" if len(splits) > 1 else "Splits"
+        parts.append(f"<h3>{title}</h3>" + _table(["split", "clips", "conversations"]
+                                                  + [f"{c} (clips / conv.)" for c in classes], rows, "splits"))
+    refit = saved.get("refit")
+    if refit:
+        parts.append(f"<p><code>refit.pt</code>: run {html.escape(str(refit.get('refit_of')))} retrained on "
+                     f"train+val for {html.escape(str(refit.get('best_epoch')))} epochs. Nothing was held out for "
+                     "it: it has no validation or test score of its own.</p>")
+    parts += [f'<p class="note">{html.escape(w)}</p>' for w in saved.get("warnings") or []]
+    return "".join(parts)
+
+
+def write_report(out_dir: Path, runs: list[dict], summary: dict, baselines: dict | None = None, *,
+                 saved: Mapping[str, Any] | None = None) -> Path:
     """Write the figures and `report.html` into `out_dir`; returns the HTML path.
 
     run = {"fold", "seed", "condition", "best_epoch", "selected_on", "history": [{"epoch", "stage",
@@ -338,7 +382,9 @@ def write_report(out_dir: Path, runs: list[dict], summary: dict, baselines: dict
     "label_names": [str], "task"}; summary = {metric: {"mean", "std", "n"}};
     baselines = {name: {"summary": {metric: {"mean", "std", "n"}} (main condition), optional "description",
     "summary_by_condition": {condition: summary} and "runs": [{"condition", "test", ...}]}} (comp.baselines);
-    ComP and the baselines are shown side by side per condition.
+    ComP and the baselines are shown side by side per condition. saved = {"best": comp.train.run_summary of the
+    run in best.pt, "n_runs", "splits": {fold: {split: comp.selection.split_sizes}}, "warnings": [str],
+    "refit": the refit.pt summary or None} names the saved model.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -360,6 +406,8 @@ def write_report(out_dir: Path, runs: list[dict], summary: dict, baselines: dict
                      "every epoch, as the released code does. These numbers are optimistic; use the clean "
                      "protocol for an honest estimate.</p>")
     parts.append("<h2>Summary (test, mean ± std over seeds and folds)</h2>" + _summary_table(summary, primary))
+    if saved:
+        parts.append(_saved_section(saved))
     if baselines:
         parts.append(_baselines_section(runs, summary, baselines, primary))
 

@@ -20,6 +20,7 @@ batch) or the fold x seed runs fanned out over the ranks. Rank 0 alone writes ch
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 
 SELECTED_ON_VAL = "val"
 SELECTED_ON_TEST = "test (paper protocol)"
+SELECTED_REFIT = "refit on train+val, the selected number of epochs (no held-out score)"
+REFIT_NAME = "refit.pt"
 LOWER_IS_BETTER = frozenset({"mae", "mse", "rmse", "loss"})
 
 
@@ -87,6 +90,7 @@ class EvalResult:
     weight_count: int
     metrics: dict[str, float] = field(default_factory=dict)
     heads: dict[str, dict[str, float]] = field(default_factory=dict)
+    loss: float = math.nan  # the fused prediction's task loss (comp.selection.fused_loss)
 
     @property
     def coordinator(self) -> dict[str, float] | None:
@@ -97,8 +101,10 @@ class EvalResult:
 
 def _score(result: EvalResult, task: str, label_names: Sequence[str]) -> EvalResult:
     from comp.metrics import score
+    from comp.selection import fused_loss
 
     result.metrics = score(task, result.y_true, result.logits, label_names)
+    result.loss = fused_loss(task, result.y_true, result.logits)
     result.heads = {m: score(task, result.y_true, result.head_logits[m], label_names) for m in MODALITY_ORDER}
     return result
 
@@ -203,10 +209,21 @@ class RunOutcome:
     normalizer: Any  # comp.data.Normalizer
     input_dims: dict[str, int]
     n_outputs: int
+    selection_loss: float = math.nan  # validation loss at the selected epoch (breaks ties between runs)
+    stage: int = 2  # the forward stage of the selected epoch: the stage that predicts with these weights
 
     @property
     def main_record(self) -> dict:
         return self.records[-1]
+
+    @property
+    def name(self) -> str:
+        """The run's name, also its checkpoint's under runs/."""
+        return run_name(self.fold, self.seed)
+
+
+def run_name(fold: str, seed: int) -> str:
+    return f"fold{fold}-seed{seed}"
 
 
 def _autocast_factory(device: torch.device, cfg: TrainConfig) -> tuple[Callable[[], Any], Any]:
@@ -315,8 +332,13 @@ def fit_run(conversations: Sequence[Any], plan: Any, cfg: TrainConfig, seed: int
     history: dict[str, list[dict]] = {c: [] for c in missing.labels}
     best_epoch = {c: -1 for c in missing.labels}
     best_score: dict[str, float | None] = {c: None for c in missing.labels}
+    best: dict[str, Candidate | None] = {c: None for c in missing.labels}
     best_state: dict[str, torch.Tensor] | None = None
     from comp.metrics import is_improvement
+    from comp.selection import Candidate, better_epoch, split_sizes
+
+    splits = {name: split_sizes(convs, task, label_names)
+              for name, convs in (("train", train_c), ("val", [] if paper else val_c), ("test", test_c))}
 
     hooks.run_started(label, cfg.epochs)
     log.info("%s: %d train / %d val / %d test conversations, %d epochs (stage 1: %d), %s, device %s",
@@ -377,18 +399,33 @@ def fit_run(conversations: Sequence[Any], plan: Any, cfg: TrainConfig, seed: int
                      "val": res.metrics if res else {}, "val_heads": res.heads if res else {},
                      "coordinator": res.coordinator if res else None,
                      "seconds": train_seconds, "eval_seconds": eval_seconds}
+            # clean: a stage-1 epoch is never selected (its fused head is untrained); faithful: as released
+            eligible = paper or stage == 2
+            entry["val_loss"] = res.loss if res else None
+            entry["selectable"] = eligible
             history[cond].append(entry)
             value_ = res.metrics.get(metric) if res else None
-            if res is None or is_improvement(metric, value_, best_score[cond]):
+            if res is None:  # no validation data: the last epoch is kept
+                chosen = eligible
+            elif paper:
+                chosen = is_improvement(metric, value_, best_score[cond])
+            else:
+                cand = Candidate(value_, res.loss, epoch)
+                chosen = eligible and better_epoch(metric, cand, best[cond])
+                if chosen:
+                    best[cond] = cand
+            if chosen:
                 if res is not None:
                     best_score[cond] = value_
                 best_epoch[cond] = epoch
                 if cond == missing.main_label:
                     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         main = history[missing.main_label][-1]
-        log.info("%s epoch %d/%d (stage %d): loss %.4f, %s %s %s (%.1fs + %.1fs eval)", label, epoch + 1,
-                 cfg.epochs, stage, main["train_loss"], "test" if paper else "val", metric,
-                 _fmt(main["val"].get(metric)), train_seconds, eval_seconds)
+        where = "test" if paper else "val"
+        log.info("%s epoch %d/%d (stage %d): loss %.4f, %s %s %s, %s loss %s%s (%.1fs + %.1fs eval)", label,
+                 epoch + 1, cfg.epochs, stage, main["train_loss"], where, metric, _fmt(main["val"].get(metric)),
+                 where, _fmt_loss(main["val_loss"]), "" if main["selectable"] else " (fused head untrained)",
+                 train_seconds, eval_seconds)
         hooks.epoch_done(main)
 
     if best_state is None:  # no epoch produced a finite selection score: keep the last weights
@@ -397,14 +434,14 @@ def fit_run(conversations: Sequence[Any], plan: Any, cfg: TrainConfig, seed: int
         for cond in missing.labels:
             best_epoch[cond] = cfg.epochs - 1
     model.load_state_dict(best_state)
+    sel_stage = 1 if best_epoch[missing.main_label] < cfg.stage_epochs else 2
 
     # The test set: scored once, with the selected weights (clean). The paper protocol already scored it
     # every epoch and reports the selected epoch's numbers.
-    if paper:
+    if paper or not test_c:
         tests = None
     else:
         test_sets = fixed_sets(test_c)
-        sel_stage = 1 if best_epoch[missing.main_label] < cfg.stage_epochs else 2
         tests = {}
         for cond in missing.conditions:
             tests[cond.label] = evaluate(model, iterate_batches(test_sets[cond.label], cfg.batch_size, shuffle=False),
@@ -419,24 +456,30 @@ def fit_run(conversations: Sequence[Any], plan: Any, cfg: TrainConfig, seed: int
         chosen = history[cond][ep] if history[cond] else {}
         if paper:
             test_metrics, test_heads, confusion = chosen.get("val", {}), chosen.get("val_heads", {}), None
+        elif tests is None:
+            test_metrics, test_heads, confusion = {}, {}, None
         else:
             res = tests[cond]
             test_metrics, test_heads = res.metrics, res.heads
             confusion = _confusion(task, res, n_outputs)
         records.append({
-            "fold": plan.name, "seed": seed, "condition": cond, "best_epoch": ep + 1,
+            "fold": plan.name, "seed": seed, "run": run_name(plan.name, seed), "condition": cond,
+            "best_epoch": ep + 1, "selected_stage": sel_stage,
             "selected_on": SELECTED_ON_TEST if paper else (SELECTED_ON_VAL if has_val else "last epoch (no val)"),
-            "selection_metric": metric, "history": history[cond], "test": test_metrics, "test_heads": test_heads,
-            "confusion": confusion, "label_names": list(label_names), "task": task,
-            "variant": cfg.model.variant})
+            "selection_metric": metric, "val": {} if paper else chosen.get("val", {}),
+            "val_loss": None if paper else chosen.get("val_loss"), "history": history[cond],
+            "test": test_metrics, "test_heads": test_heads, "confusion": confusion, "splits": splits,
+            "label_names": list(label_names), "task": task, "variant": cfg.model.variant})
     main = records[-1]
-    log.info("%s: selected epoch %d on %s; test %s", label, main["best_epoch"], main["selected_on"],
-             ", ".join(f"{k} {_fmt(v)}" for k, v in main["test"].items()))
+    log.info("%s: selected epoch %d (stage %d) on %s; test %s", label, main["best_epoch"], sel_stage,
+             main["selected_on"], ", ".join(f"{k} {_fmt(v)}" for k, v in main["test"].items()) or "-")
     hooks.run_done(records)
     score = best_score[missing.main_label]
+    chosen_loss = history[missing.main_label][best_epoch[missing.main_label]].get("val_loss")
     return RunOutcome(fold=plan.name, seed=seed, records=records, selection_metric=metric,
                       selection_score=float("nan") if score is None else float(score), state_dict=best_state,
-                      normalizer=normalizer, input_dims=input_dims, n_outputs=n_outputs)
+                      normalizer=normalizer, input_dims=input_dims, n_outputs=n_outputs,
+                      selection_loss=math.nan if chosen_loss is None else float(chosen_loss), stage=sel_stage)
 
 
 def _loss(out, batch, cfg: TrainConfig, task: str, stage: int):
@@ -457,6 +500,11 @@ def _fmt(value: Any) -> str:
     return "nan" if value is None or not math.isfinite(float(value)) else f"{float(value):.4f}"
 
 
+def _fmt_loss(value: Any) -> str:
+    """Four significant digits: a validation loss near 0 still shows which epoch is lower."""
+    return "nan" if value is None or not math.isfinite(float(value)) else f"{float(value):.4g}"
+
+
 # --------------------------------------------------------------------------------------------- protocol
 
 @dataclass
@@ -471,15 +519,56 @@ class ProtocolResult:
     selected_on: str
     baselines: dict | None = None
     out_dir: Path | None = None
+    splits: dict[str, dict[str, dict]] = field(default_factory=dict)  # fold -> train/val/test -> sizes
+    warnings: list[str] = field(default_factory=list)  # splits too small to select or score on
+    n_runs: int = 0
+    refit: RunOutcome | None = None
 
     def summary_text(self) -> str:
+        """The console summary: test scores over runs, the run saved to best.pt, split sizes, warnings."""
         lines = [f"test ({self.main_condition}, selected on {self.selected_on}), mean +- std over "
                  f"{next(iter(self.summary.values()), {}).get('n', 0)} run(s):"]
         for k, v in self.summary.items():
             lines.append(f"  {k:<10} {_fmt(v['mean'])} +- {_fmt(v['std'])}")
+        lines += self.saved_model_lines()
+        lines += [f"warning: {w}" for w in self.warnings]
         if self.out_dir is not None:
             lines.append(f"outputs in {self.out_dir}")
         return "\n".join(lines)
+
+    def saved_model_lines(self) -> list[str]:
+        """Which run and epoch best.pt (and refit.pt) hold, with their scores, and the sizes of its splits."""
+        if self.best is None:
+            return []
+        rec = self.best.main_record
+        metric = self.best.selection_metric
+        epochs = len(rec["history"])
+        lines = [f"best.pt    run {self.best.name}, epoch {rec['best_epoch']} of {epochs} (stage {self.best.stage})"
+                 + (f", the best of {self.n_runs} runs on {rec['selected_on']} {metric}, then {rec['selected_on']} loss"
+                    if self.n_runs > 1 else "")]
+        val = rec.get("val") or {}
+        scores = []
+        if val:
+            scores.append(f"val {metric} {_fmt(val.get(metric))}, loss {_fmt_loss(rec.get('val_loss'))}")
+        if rec.get("test"):
+            scores.append(f"{'test' if self.selected_on == SELECTED_ON_VAL else self.selected_on} "
+                          + ", ".join(f"{k} {_fmt(v)}" for k, v in rec["test"].items()))
+        if scores:
+            lines.append("           " + "; ".join(scores))
+        from comp.selection import format_sizes
+
+        sizes = self.splits.get(self.best.fold) or {}
+        for i, (split, info) in enumerate(sizes.items()):
+            head = f"splits{' (fold ' + self.best.fold + ')' if len(self.splits) > 1 else ''}" if i == 0 else ""
+            lines.append(f"{head:<10} {split:<5} {format_sizes(info)}")
+        if sizes and any(info.get("per_class") for info in sizes.values()):
+            lines.append(" " * 11 + "(per class: clips/conversations)")
+        if self.refit is not None:
+            r = self.refit.main_record
+            lines.append(f"refit.pt   run {self.best.name} retrained on train+val "
+                         f"({self.refit.records[-1]['splits']['train']['clips']} clips) for {r['best_epoch']} "
+                         "epochs; no held-out score")
+        return lines
 
 
 def checkpoint_meta(outcome: RunOutcome, cfg: TrainConfig, data) -> dict:
@@ -495,13 +584,20 @@ def checkpoint_meta(outcome: RunOutcome, cfg: TrainConfig, data) -> dict:
         "spec_hash": data.spec_hash, "source": header.source,
         "modalities": {m: {"dim": i.dim, "encoder": i.encoder, "layers": i.layers, "pooling": i.pooling}
                        for m, i in header.modalities.items()},
-        "metrics": {"fold": outcome.fold, "seed": outcome.seed, "condition": outcome.main_record["condition"],
-                    "best_epoch": outcome.main_record["best_epoch"],
-                    "selected_on": outcome.main_record["selected_on"],
-                    "selection_metric": outcome.selection_metric, "selection_score": outcome.selection_score,
-                    "test": outcome.main_record["test"]},
+        "stage": outcome.stage,  # the forward stage the weights were selected (and are to predict) at
+        "metrics": run_summary(outcome),
         "created_with": f"comp-mer {__version__}",
     }
+
+
+def run_summary(outcome: RunOutcome) -> dict:
+    """The saved run as metrics.json, the checkpoint and the report name it: run, epoch, stage and scores."""
+    rec = outcome.main_record
+    return {"run": outcome.name, "fold": outcome.fold, "seed": outcome.seed, "condition": rec["condition"],
+            "best_epoch": rec["best_epoch"], "stage": outcome.stage, "selected_on": rec["selected_on"],
+            "selection_metric": outcome.selection_metric, "selection_score": outcome.selection_score,
+            "val": rec.get("val") or {}, "val_loss": rec.get("val_loss"), "test": rec["test"],
+            "held_out_score": bool(rec.get("val") or rec["test"])}
 
 
 def _to_dict(cfg: TrainConfig) -> dict:
@@ -521,7 +617,7 @@ def train_protocol(data, cfg: TrainConfig, *, hooks: TrainHooks | None = None,
     from comp.checkpoint import save_checkpoint
     from comp.data import DataError, build_conversations, plan_folds
     from comp.masks import parse_missing
-    from comp.metrics import is_improvement, summarize
+    from comp.metrics import summarize
 
     try:
         device = parallel.device if parallel is not None else resolve_device(cfg.device)
@@ -536,8 +632,16 @@ def train_protocol(data, cfg: TrainConfig, *, hooks: TrainHooks | None = None,
     if cfg.model.resolved.batch_prototypes and longest > cfg.model.max_len:
         raise TrainingError(f"the longest conversation has {longest} utterances but model.max_len is "
                             f"{cfg.model.max_len}; raise it (--set model.max_len={longest})")
+    if not paper and cfg.stage_epochs >= cfg.epochs:
+        raise TrainingError(f"stage_epochs ({cfg.stage_epochs}) must be below epochs ({cfg.epochs}): the fused "
+                            "prediction is trained in stage 2 only, so a run without stage 2 has no model to save")
+    if cfg.refit and (paper or not all(p.val for p in plans)):
+        raise TrainingError("refit retrains on train+val for the epochs selected on validation data, but this "
+                            + ("variant selects on the test set" if paper else "protocol has no validation split "
+                               "(val_fraction is 0)") + "; drop --refit")
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
+    splits, warnings = _split_report(conversations, plans, task, label_names, paper)
     log.info("%d conversations, %d clips; %s; %d run(s): folds %s x %d seed(s); variant %s; selection on %s",
              len(conversations), sum(len(c) for c in conversations), task, len(plans) * cfg.seeds,
              ",".join(p.name for p in plans), cfg.seeds, cfg.model.variant,
@@ -545,6 +649,8 @@ def train_protocol(data, cfg: TrainConfig, *, hooks: TrainHooks | None = None,
     if paper:
         log.warning("faithful variant: epochs are selected on the TEST set with test masks redrawn every epoch "
                     "(the paper's protocol); its numbers are optimistic and labelled 'test (paper protocol)'")
+    for warning in warnings:
+        log.warning("%s", warning)
 
     pairs = [(plan, cfg.seed + i) for plan in plans for i in range(cfg.seeds)]
     fan_out = parallel is not None and parallel.fan_out and parallel.world_size > 1
@@ -565,8 +671,7 @@ def train_protocol(data, cfg: TrainConfig, *, hooks: TrainHooks | None = None,
                 if run_dir is not None and cfg.save_run_checkpoints and writes:
                     save_checkpoint(Path(run_dir) / f"fold{plan.name}-seed{seed}.pt", outcome.state_dict,
                                     checkpoint_meta(outcome, cfg, data))
-                if best is None or is_improvement(outcome.selection_metric, outcome.selection_score,
-                                                  best.selection_score):
+                if best is None or _better_run(outcome, k, best, best_index):
                     best, best_index = outcome, k
                 else:
                     outcome.state_dict = {}  # free the weights of runs that are not the best
@@ -580,17 +685,32 @@ def train_protocol(data, cfg: TrainConfig, *, hooks: TrainHooks | None = None,
     by_condition = {c: summarize([r["test"] for r in runs if r["condition"] == c]) for c in missing.labels}
     return ProtocolResult(runs=runs, summary=by_condition[missing.main_label], summary_by_condition=by_condition,
                           best=best, main_condition=missing.main_label,
-                          selected_on=SELECTED_ON_TEST if paper else SELECTED_ON_VAL)
+                          selected_on=SELECTED_ON_TEST if paper else SELECTED_ON_VAL, splits=splits,
+                          warnings=warnings, n_runs=len(pairs))
+
+
+def _split_report(conversations: Sequence[Any], plans: Sequence[Any], task: str, label_names: Sequence[str],
+                  paper: bool) -> tuple[dict[str, dict], list[str]]:
+    """({fold: {"train"|"val"|"test": sizes}}, the warnings of comp.selection.split_warnings for every fold)."""
+    from comp.data import select
+    from comp.selection import split_sizes, split_warnings
+
+    splits, warnings = {}, []
+    for plan in plans:
+        parts = {"train": plan.train, "test": plan.test} if paper else \
+            {"train": plan.train, "val": plan.val, "test": plan.test}
+        splits[plan.name] = {k: split_sizes(select(conversations, ids), task, label_names) for k, ids in parts.items()}
+        warnings += split_warnings(splits[plan.name], f"fold {plan.name}" if len(plans) > 1 else "")
+    return splits, warnings
 
 
 def _gather_fan_out(parallel: Any, error: Exception | None, best: RunOutcome | None, best_index: int,
                     records_by_run: dict[int, list[dict]]) -> tuple[RunOutcome | None, dict[int, list[dict]]]:
     """Every rank's run records on every rank; on rank 0, the best run over all ranks (else None).
 
-    The best is chosen as one process would: in plan order, a later run only wins with a strictly better
-    score, so ties go to the earlier run whichever rank trained it.
+    The best is chosen as one process would (comp.selection): ties that survive the validation loss go to the
+    earlier run in plan order, whichever rank trained it.
     """
-    from comp.metrics import is_improvement
     from pipeline.distributed import agree, all_gather, gather_to_main
 
     agree(parallel.job, error)
@@ -601,12 +721,20 @@ def _gather_fan_out(parallel: Any, error: Exception | None, best: RunOutcome | N
         best.state_dict = {k: v.detach().cpu() for k, v in best.state_dict.items()}
     candidates = gather_to_main(parallel.job, (best_index, best) if best is not None else None)
     overall: RunOutcome | None = None
+    overall_index = -1
     if candidates is not None:
-        for _, outcome in sorted((c for c in candidates if c is not None), key=lambda c: c[0]):
-            if overall is None or is_improvement(outcome.selection_metric, outcome.selection_score,
-                                                 overall.selection_score):
-                overall = outcome
+        for k, outcome in sorted((c for c in candidates if c is not None), key=lambda c: c[0]):
+            if overall is None or _better_run(outcome, k, overall, overall_index):
+                overall, overall_index = outcome, k
     return overall, merged
+
+
+def _better_run(new: RunOutcome, new_index: int, best: RunOutcome, best_index: int) -> bool:
+    """The run-selection rule of comp.selection (score, then validation loss, then plan order)."""
+    from comp.selection import Candidate, better_run
+
+    return better_run(new.selection_metric, Candidate(new.selection_score, new.selection_loss, new_index),
+                      Candidate(best.selection_score, best.selection_loss, best_index))
 
 
 def _json_safe(obj: Any) -> Any:
@@ -664,16 +792,27 @@ def run_training(store: str | Path, cfg: TrainConfig, out_dir: str | Path, *,
              {m: i.dim for m, i in data.header.modalities.items()})
     result = train_protocol(data, cfg, hooks=hooks, run_dir=out / "runs", parallel=parallel)
     result.out_dir = out
+    ddp = parallel is not None and parallel.data_parallel
+    if cfg.refit and (ddp or result.best is not None):  # fan-out: rank 0 alone holds the best run
+        result.refit = refit_run(data, cfg, result.best, hooks=hooks, parallel=parallel if ddp else None)
     if not main:
         return result
+    best = run_summary(result.best) if result.best is not None else None
+    refit = None
     if result.best is not None:
         save_checkpoint(out / "best.pt", result.best.state_dict, checkpoint_meta(result.best, cfg, data))
+    if result.refit is not None:
+        refit_cfg = dataclasses.replace(cfg, epochs=result.refit.main_record["best_epoch"])
+        meta = checkpoint_meta(result.refit, refit_cfg, data)
+        meta["metrics"]["refit_of"] = result.best.name
+        refit = meta["metrics"]
+        save_checkpoint(out / REFIT_NAME, result.refit.state_dict, meta)
     result.baselines = _run_baselines(data, cfg, out)
     metrics = {
         "task": data.header.task, "label_names": list(data.header.label_names), "variant": cfg.model.variant,
         "missing": cfg.missing, "condition": result.main_condition, "selected_on": result.selected_on,
         "selection_metric": result.best.selection_metric if result.best else None,
-        "best_run": {"fold": result.best.fold, "seed": result.best.seed} if result.best else None,
+        "best_run": best, "refit": refit, "splits": result.splits, "warnings": result.warnings,
         "summary": result.summary, "summary_by_condition": result.summary_by_condition,
         "runs": result.runs, "baselines": result.baselines,
     }
@@ -683,6 +822,31 @@ def run_training(store: str | Path, cfg: TrainConfig, out_dir: str | Path, *,
     except ImportError:
         log.warning("comp.report is not available; no report.html written")
     else:
-        write_report(out, result.runs, result.summary, result.baselines)
+        saved = {"best": best, "n_runs": result.n_runs, "splits": result.splits, "warnings": result.warnings,
+                 "refit": refit}
+        write_report(out, result.runs, result.summary, result.baselines, saved=saved)
     log.info("%s", result.summary_text())
     return result
+
+
+def refit_run(data, cfg: TrainConfig, best: RunOutcome, *, hooks: TrainHooks | None = None,
+              parallel: Any = None) -> RunOutcome:
+    """`--refit`: retrain the saved run (its fold and seed) on its train+val conversations for the number of
+    epochs selected on validation, keeping the last epoch. Nothing is held out for selection and the test split
+    is not scored, so the outcome has no held-out score (its records say so)."""
+    from comp.data import FoldPlan, build_conversations, plan_folds
+
+    conversations = build_conversations(data)
+    plan = next(p for p in plan_folds(data, cfg) if p.name == best.fold)
+    epochs = int(best.main_record["best_epoch"])
+    merged = FoldPlan(plan.name, tuple(sorted(set(plan.train) | set(plan.val))), (), ())
+    refit_cfg = dataclasses.replace(cfg, epochs=epochs)
+    device = parallel.device if parallel is not None else resolve_device(cfg.device)
+    log.info("refit: run %s on train+val (%d conversations) for %d epochs", best.name, len(merged.train), epochs)
+    guard = deterministic(device) if cfg.deterministic else contextlib.nullcontext()
+    with guard:
+        outcome = fit_run(conversations, merged, refit_cfg, best.seed, task=data.header.task,
+                          label_names=list(data.header.label_names), device=device, hooks=hooks, parallel=parallel)
+    for rec in outcome.records:
+        rec["selected_on"] = SELECTED_REFIT
+    return outcome

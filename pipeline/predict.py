@@ -167,6 +167,9 @@ class Predictor:
         self.label_names = tuple(meta.get("label_names") or ())
         self.input_dims = {str(m): int(d) for m, d in meta["input_dims"].items()}
         self.spec_hash = str(meta.get("spec_hash") or spec_hash(meta["extraction_spec"]))
+        # the stage the weights were selected at, so a prediction is the run's own evaluation of the clip
+        # (checkpoints written before the stage was recorded: stage 2, the full model)
+        self.stage = int(meta.get("stage", 2))
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto") -> "Predictor":
@@ -253,9 +256,9 @@ class Predictor:
 
     @torch.inference_mode()
     def logits(self, batch: "ComPBatch") -> torch.Tensor:
-        """Fused logits [C] (regression: [1]) of a one-utterance batch, from the stage-2 model."""
+        """Fused logits [C] (regression: [1]) of a one-utterance batch, at the checkpoint's stage."""
         with _single_cpu_thread(self.device):
-            return self.model(batch, stage=2).logits[0, 0].float().cpu()
+            return self.model(batch, stage=self.stage).logits[0, 0].float().cpu()
 
     def _forward(self, record: ClipRecord) -> torch.Tensor:
         return self.logits(self.batch_for(record))

@@ -52,7 +52,7 @@ def test_baselines_score_the_loops_masked_test_sets(small, monkeypatch):
         return out, absent
 
     monkeypatch.setattr(masks_mod, "mask_conversations", recording)
-    cfg = TrainConfig(model=TINY, epochs=1, stage_epochs=1, batch_size=8, missing="random:0.5", seeds=2,
+    cfg = TrainConfig(model=TINY, epochs=1, stage_epochs=0, batch_size=8, missing="random:0.5", seeds=2,
                       baselines=False)
     train_protocol(small, cfg)
     who["now"] = "baselines"

@@ -116,7 +116,8 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     flags = {key: getattr(args, flag) for flag, key in SHORT_FLAGS.items() if getattr(args, flag) is not None}
     if args.epochs is not None and args.stage_epochs is None:  # keep the preset's stage-1 share of the schedule
         share = cfg.stage_epochs / cfg.epochs if cfg.epochs else 0.5
-        flags["stage_epochs"] = min(args.epochs, round(args.epochs * share))
+        # leave at least one stage-2 epoch: the fused prediction is trained in stage 2 only
+        flags["stage_epochs"] = min(max(args.epochs - 1, 0), round(args.epochs * share))
     # JSON is YAML: strings stay strings, so "1,3" or "random:0.3" are never read as something else
     cfg = apply_overrides(cfg, [f"{key}={json.dumps(value)}" for key, value in flags.items()])
     if cfg.batch_size < 1:
