@@ -61,7 +61,8 @@ log = logging.getLogger(__name__)
 
 MAX_REASON_CHARS = 300  # ffmpeg and exception texts can be long; a reason is a short code plus detail
 BUFFER_BATCHES = 2  # decoded clips held back (in batches) so that a batch groups clips of similar duration
-FAILURES_SUFFIX = ".failures.csv"
+FAILURES_SUFFIX = ".failures.csv"  # clips that failed (status error): nothing of them is in the store
+MISSING_SUFFIX = ".missing.csv"  # modalities absent from clips that were extracted, with the reason
 PARTS_SUFFIX = ".parts"  # <store>.parts/rank-<r>-of-<N>.h5: the per-rank stores of a distributed run
 MERGE_ROWS = 1024  # rows per journal chunk when parts are folded into the store
 
@@ -391,6 +392,7 @@ class ExtractionSummary:
     media_s: float  # duration of the clips processed by this run
     stage_s: dict[str, float] = field(default_factory=dict)
     failures_path: Path | None = None
+    missing_path: Path | None = None
 
     @property
     def clips_per_s(self) -> float:
@@ -418,13 +420,21 @@ class ExtractionSummary:
             parts = [f"{k} {self.stage_s[k]:.1f} s" for k in order if self.stage_s.get(k, 0.0) > 0]
             lines.append(f"stages     {', '.join(parts)}  (decode runs in threads, beside the models)")
         if self.failures_path is not None:
-            lines.append(f"failures   {self.failures_path}")
+            lines.append(f"failures   {self.failures_path}  ({self.error} clip{'s' if self.error != 1 else ''} "
+                         "that could not be extracted)")
+        if self.missing_path is not None:
+            lines.append(f"missing    {self.missing_path}  (absent modalities of extracted clips, with reasons)")
         return "\n".join(lines)
 
 
 def failures_path_for(store: str | Path) -> Path:
     store = Path(store)
     return store.with_name(store.name + FAILURES_SUFFIX)
+
+
+def missing_path_for(store: str | Path) -> Path:
+    store = Path(store)
+    return store.with_name(store.name + MISSING_SUFFIX)
 
 
 def check_writable(out_path: str | Path) -> None:
@@ -526,27 +536,42 @@ def _summarize(store: Path, items: Sequence[ClipItem], *, processed: int, skippe
     present = {m: int(data.present[m].sum()) for m in MODALITIES}
     missing = {m: dict(Counter(_reason_code(r) for r, p in zip(data.reason[m], data.present[m]) if not p))
                for m in MODALITIES}
-    failures = write_failures(failures_path_for(store), data)
+    failures, absent = write_failures(failures_path_for(store), data), write_missing(missing_path_for(store), data)
     return ExtractionSummary(store=store, clips=len(items), processed=processed, skipped=skipped,
                              ok=int((data.status == "ok").sum()), error=int((data.status == "error").sum()),
                              present=present, missing=missing, wall_s=wall_s, media_s=media_s,
-                             stage_s=stage_s, failures_path=failures)
+                             stage_s=stage_s, failures_path=failures, missing_path=absent)
 
 
 def write_failures(path: Path, data: Any) -> Path | None:
-    """`<store>.failures.csv`: one line per error clip and per absent modality; None (and no file) if none."""
+    """`<store>.failures.csv`: one line per clip that failed (status error): id, source, reason.
+    None (and no file) when every clip was extracted."""
     rows = []
     for i, clip_id in enumerate(data.ids):
-        for m in MODALITIES:
-            if not data.present[m][i]:
-                rows.append((clip_id, data.source[i], data.status[i], m, data.reason[m][i]))
+        if data.status[i] == "error":
+            reason = next((str(data.reason[m][i]) for m in MODALITIES if data.reason[m][i]), "error")
+            rows.append((clip_id, data.source[i], reason))
+    return _write_csv(path, ("id", "source", "reason"), rows)
+
+
+def write_missing(path: Path, data: Any) -> Path | None:
+    """`<store>.missing.csv`: one line per absent modality of a clip that was extracted (status ok): id, source,
+    modality, reason. Not failures: the clip is in the store with its other modalities. None when none."""
+    rows = [(clip_id, data.source[i], m, data.reason[m][i])
+            for i, clip_id in enumerate(data.ids) if data.status[i] == "ok"
+            for m in MODALITIES if not data.present[m][i]]
+    return _write_csv(path, ("id", "source", "modality", "reason"), rows)
+
+
+def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path | None:
+    """Replace `path` atomically with `rows` under `header`; no rows: remove it and return None."""
     if not rows:
         path.unlink(missing_ok=True)
         return None
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as fh:
         out = csv.writer(fh)
-        out.writerow(("id", "source", "status", "modality", "reason"))
+        out.writerow(header)
         out.writerows(rows)
     os.replace(tmp, path)
     return path

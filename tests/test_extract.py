@@ -109,7 +109,8 @@ def test_extractor_exception_marks_only_that_clip(tmp_path):
 
 
 def test_summary_counts_and_failures_file(tmp_path):
-    """The summary counts ok/error and absences by reason code; the failures file lists each absence."""
+    """The summary counts ok/error and absences by reason code; failures.csv lists only the clips that failed,
+    missing.csv the absent modalities of the clips that were extracted."""
     make_media(tmp_path / "in", ["a.mp4", "b.wav"])
     (tmp_path / "in" / "z.mp4").write_bytes(b"")
     summary = extract_folder(tmp_path / "in", tmp_path / "f.h5")
@@ -118,10 +119,24 @@ def test_summary_counts_and_failures_file(tmp_path):
     assert summary.missing["visual"] == {"no-video-stream": 1, "decode-error": 1}
     assert summary.failures_path == failures_path_for(tmp_path / "f.h5") == tmp_path / "f.h5.failures.csv"
     with open(summary.failures_path, encoding="utf-8") as fh:
-        lines = list(csv.DictReader(fh))
-    assert sorted((r["id"], r["status"], r["modality"]) for r in lines) == [
-        ("b", "ok", "visual"), ("z", "error", "audio"), ("z", "error", "text"), ("z", "error", "visual")]
+        failed = list(csv.DictReader(fh))
+    assert [(r["id"], r["reason"].split(":")[0]) for r in failed] == [("z", "decode-error")]
+    assert summary.missing_path == tmp_path / "f.h5.missing.csv"
+    with open(summary.missing_path, encoding="utf-8") as fh:
+        absent = list(csv.DictReader(fh))
+    assert [(r["id"], r["modality"], r["reason"]) for r in absent] == [("b", "visual", "no-video-stream")]
     assert "no-video-stream" in summary.table() and "2 ok, 1 error" in summary.table()
+    assert "f.h5.failures.csv  (1 clip that could not be extracted)" in summary.table()
+
+
+def test_no_failures_no_failures_file(tmp_path):
+    """A run where every clip was extracted names no failures file (and removes a stale one)."""
+    make_media(tmp_path / "in", ["a.mp4", "b.wav"])
+    failures_path_for(tmp_path / "f.h5").write_text("id,source,reason\nold,old.mp4,decode-error\n")
+    summary = extract_folder(tmp_path / "in", tmp_path / "f.h5")
+    assert summary.error == 0 and summary.failures_path is None
+    assert not failures_path_for(tmp_path / "f.h5").exists() and "failures   " not in summary.table()
+    assert summary.missing_path is not None and "missing    " in summary.table()  # b.wav has no video
 
 
 def test_transcript_and_diagnostics_are_stored(tmp_path):

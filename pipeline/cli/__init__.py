@@ -4,9 +4,16 @@ import argparse
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown where there is one worth showing; the description and the examples keep their lines."""
+    """Defaults shown where there is a true one worth showing; the description and the examples keep their lines.
+
+    Not shown: required arguments, defaults of None/False/[] (the help says where the value comes from),
+    on/off flags (a store_false flag's own "default" is the opposite of what it does), and help that already
+    names its default.
+    """
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.required or action.default in (None, False):
+        text = action.help or ""
+        if (action.required or action.nargs == 0 or action.default in (None, False, [], argparse.SUPPRESS)
+                or "(default" in text):
             return action.help
         return super()._get_help_string(action)

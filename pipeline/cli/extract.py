@@ -149,7 +149,8 @@ class _Bar:
         if self.bar is None:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, unit="clip", desc="extracting", dynamic_ncols=True, smoothing=0.1)
+            self.bar = tqdm(total=total, unit="clip", desc="extracting", dynamic_ncols=True, smoothing=0.1,
+                            leave=False)  # the summary table follows; a finished bar adds nothing
         self.bar.update(done - self.bar.n)
 
     def close(self) -> None:

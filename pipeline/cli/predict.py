@@ -41,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", metavar="FILE",
                    help="write the JSON (Lines) here instead of stdout (default: stdout)")
     p.add_argument("--format", choices=("json", "table"), default="json",
-                   help="json: one object per clip; table: a short human-readable table (default: json)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+                   help="json: one object per clip; table: a short human-readable table")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=0, metavar="N",
                    help="torch CPU threads, 0 = torch's default (default: 0)")
     verbosity = p.add_mutually_exclusive_group()

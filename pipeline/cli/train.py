@@ -51,8 +51,20 @@ variants:
   faithful   the released code, quirks included; epoch chosen on the TEST set with test masks redrawn each
              epoch (the paper's protocol) - numbers are labelled "selected on test (paper protocol)"
 
-outputs in --out: best.pt, runs/*.pt, metrics.json, config.yaml, train.log, report.html (+ PNGs)
+saved model: best.pt is one named run (fold, seed) at one epoch. Clean: only stage-2 epochs (the fused head
+  is trained in stage 2), the best validation score, ties broken by the lower validation loss, then the later
+  epoch; across seeds and folds the run with the best validation score (then loss; then the earlier run).
+  The summary and report.html name it, with its validation and test scores and the split sizes.
+
+outputs in --out: best.pt, runs/*.pt, refit.pt (--refit), metrics.json, config.yaml, train.log, report.html
 """
+
+
+DEFAULTS = TrainConfig()
+
+
+def _from_config(value: object) -> str:
+    return f"(default: the preset's or config's, else {value})"
 
 
 class CliError(Exception):
@@ -71,19 +83,28 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--config", type=Path, default=None, help="a YAML TrainConfig file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. model.hidden=128 or lr=3e-4 (repeatable)")
-    p.add_argument("--variant", choices=("clean", "faithful"), default=None, help="model/protocol variant")
+    p.add_argument("--variant", choices=("clean", "faithful"), default=None,
+                   help=f"model/protocol variant {_from_config(DEFAULTS.model.variant)}")
     p.add_argument("--missing", default=None, metavar="SPEC",
-                   help="natural | random:R | fixed:a,t,v,at,av,tv,atv (default: from the config)")
-    p.add_argument("--epochs", type=int, default=None, help="total epochs (stage 1 + stage 2)")
+                   help=f"natural | random:R | fixed:a,t,v,at,av,tv,atv {_from_config(DEFAULTS.missing)}")
+    p.add_argument("--epochs", type=int, default=None,
+                   help=f"total epochs, stage 1 + stage 2 {_from_config(DEFAULTS.epochs)}")
     p.add_argument("--stage-epochs", type=int, default=None,
-                   help="stage-1 epochs (default: the config's, scaled when only --epochs is given)")
-    p.add_argument("--seeds", type=int, default=None, help="number of seeds (seed, seed+1, ...)")
-    p.add_argument("--folds", default=None, help="held-out folds to run: all or a list like 1,3")
-    p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--batch-size", type=int, default=None, help="conversations per batch")
-    p.add_argument("--baselines", dest="baselines", action="store_true", default=None,
-                   help="also fit the simple baselines on the same splits and masks")
-    p.add_argument("--no-baselines", dest="baselines", action="store_false", help="skip the baselines")
+                   help="stage-1 epochs (default: the preset's or config's, scaled to --epochs when only that is "
+                        f"given, else {DEFAULTS.stage_epochs})")
+    p.add_argument("--seeds", type=int, default=None,
+                   help=f"number of seeds: seed, seed+1, ... {_from_config(DEFAULTS.seeds)}")
+    p.add_argument("--folds", default=None,
+                   help=f"held-out folds to run: all or a list like 1,3 {_from_config(DEFAULTS.folds)}")
+    p.add_argument("--device", default=None, help=f"auto | cpu | cuda | cuda:N {_from_config(DEFAULTS.device)}")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"conversations per batch {_from_config(DEFAULTS.batch_size)}")
+    p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=None,
+                   help="fit the simple baselines on the same splits and masks (default: on, unless the preset or "
+                        "config says baselines: false)")
+    p.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
+                   help="after selection, also retrain the run saved to best.pt on train+val for its selected number "
+                        f"of epochs and write refit.pt, which has no held-out score {_from_config('off')}")
     p.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="train with N processes on this machine (like torchrun --nproc_per_node N; one GPU each)")
     p.add_argument("--fan-out", action="store_true",
@@ -99,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 # the short flags and the config keys they set (applied after --set, so they win)
 SHORT_FLAGS = {"variant": "model.variant", "missing": "missing", "epochs": "epochs", "stage_epochs": "stage_epochs",
                "seeds": "seeds", "folds": "folds", "device": "device", "batch_size": "batch_size",
-               "baselines": "baselines"}
+               "baselines": "baselines", "refit": "refit"}
 
 
 def resolve_config(args: argparse.Namespace) -> TrainConfig:
