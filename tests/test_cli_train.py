@@ -98,3 +98,66 @@ def test_help_shows_examples(capsys):
         build_parser().parse_args(["--help"])
     text = capsys.readouterr().out
     assert "examples:" in text and "comp-train feats.h5" in text and "(default:" in text
+
+
+def _help_entries(parser) -> dict[str, str]:
+    """option -> its help text as --help prints it (joined over wrapped lines)."""
+    import re
+
+    text = parser.format_help().split("\n\n")
+    entries: dict[str, str] = {}
+    current = None
+    for line in "\n".join(text).splitlines():
+        m = re.match(r"^  (-\S+.*?)(?:\s{2,}(.*))?$", line)
+        if m:
+            current = m.group(1).split(",")[0].split()[0]
+            entries[current] = m.group(2) or ""
+        elif current and line.startswith("    "):
+            entries[current] += " " + line.strip()
+        else:
+            current = None
+    return {k: " ".join(v.split()) for k, v in entries.items()}
+
+
+def test_help_shows_true_defaults():
+    """--help never claims a default the code does not use, and never says it twice."""
+    from comp.config import TrainConfig
+    from pipeline.cli.predict import build_parser as predict_parser
+
+    train = _help_entries(build_parser())
+    assert "(default: True)" not in train["--baselines"] and "(default: on" in train["--baselines"]
+    assert f"else {TrainConfig().model.variant})" in train["--variant"]
+    assert f"else {TrainConfig().epochs})" in train["--epochs"] and "else off)" in train["--refit"]
+    assert "(default: [])" not in train["--set"]
+    predict = _help_entries(predict_parser())
+    assert predict["--format"].count("(default: json)") == 1 and predict["--device"].count("(default") == 1
+    for entries in (train, predict):
+        assert all(text.count("(default") <= 1 for text in entries.values()), entries
+
+
+def test_terminal_shows_one_line_per_epoch_and_no_bar_left(store, tmp_path, monkeypatch):
+    """On a terminal: each epoch's log line stands on its own line above the bar, and no bar is left behind."""
+    import io
+    import re
+    import sys
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    tty = Tty()
+    monkeypatch.setattr(sys, "stderr", tty)
+    monkeypatch.setenv("COLUMNS", "100")
+    assert main([str(store), "--out", str(tmp_path / "o"), "--epochs", "3", "--stage-epochs", "1", "--seeds", "2",
+                 *FAST]) == 0
+    raw = tty.getvalue()
+    assert "batch" in raw  # a bar was drawn
+    screen: list[str] = []
+    for line in raw.split("\n"):  # what stays on each line after its carriage returns
+        cells: list[str] = []
+        for part in line.split("\r"):
+            cells[: len(part)] = list(part)
+        screen.append("".join(cells).rstrip())
+    epochs = [s for s in screen if re.search(r"epoch \d/3 \(stage", s)]
+    assert len(epochs) == 6 and all(s.startswith("fold split seed") for s in epochs), epochs
+    assert not any("batch/s" in s or "%|" in s for s in screen), [s for s in screen if "%|" in s]

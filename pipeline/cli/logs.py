@@ -17,10 +17,25 @@ NOISY_LIBRARIES = ("urllib3", "filelock", "h5py", "numba", "matplotlib", "PIL")
 
 
 class StderrHandler(logging.StreamHandler):
-    """A console handler that writes to whatever `sys.stderr` is at the moment of each record."""
+    """A console handler that writes to whatever `sys.stderr` is at the moment of each record.
+
+    Records go through `tqdm.write`, which lifts any progress bar on that stream, prints the line and redraws
+    the bar below it: log lines and a live bar share a terminal without leaving frozen copies of the bar.
+    """
 
     def __init__(self) -> None:
         super().__init__(sys.stderr)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except RecursionError:
+            raise
+        except Exception:  # noqa: BLE001 - logging's own contract: report, never raise
+            self.handleError(record)
 
     @property  # type: ignore[override]
     def stream(self):  # noqa: ANN201 - the stream of the moment
@@ -29,6 +44,14 @@ class StderrHandler(logging.StreamHandler):
     @stream.setter
     def stream(self, value) -> None:  # noqa: ANN001 - StreamHandler.__init__ assigns it
         pass
+
+
+class PlainFormatter(logging.Formatter):
+    """`%(message)s`, with warnings saying that they are one ("warning: ..."); errors name their command."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return f"warning: {text}" if record.levelno == logging.WARNING else text
 
 
 def level_for(quiet: bool, verbose: bool, default: int = logging.INFO) -> int:
@@ -44,7 +67,8 @@ def cli_logging(console_level: int, console_format: str, log_file: Path | None =
     handlers: list[logging.Handler] = []
     console = StderrHandler()
     console.setLevel(console_level)
-    console.setFormatter(logging.Formatter(console_format))
+    console.setFormatter(PlainFormatter(console_format) if console_format.endswith("%(message)s")
+                         and "%(levelname)s" not in console_format else logging.Formatter(console_format))
     handlers.append(console)
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)

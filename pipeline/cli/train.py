@@ -149,29 +149,38 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
 
 
 class TqdmProgress:
-    """The library's progress hook as one tqdm bar per epoch."""
+    """The library's progress hook as one tqdm bar per run (over its batches), on a terminal only.
+
+    The bar sits below the log: each epoch's log line is written above it (the console handler writes through
+    tqdm), and the bar clears itself when the run ends, so a terminal shows one line per epoch and no bars left
+    behind. Off a terminal (a pipe, a file, CI) there is no bar at all, only the log lines.
+    """
 
     def __init__(self) -> None:
         self._bar = None
         self._run = ""
+        self._epochs = 0
 
     def run_started(self, label: str, epochs: int) -> None:
-        self._run = label
+        self._close()
+        self._run, self._epochs = label, epochs
 
     def epoch_started(self, epoch: int, stage: int, n_batches: int) -> None:
-        from tqdm import tqdm
+        if self._bar is None:
+            from tqdm import tqdm
 
-        self._close()
-        self._bar = tqdm(total=n_batches, desc=f"{self._run} ep {epoch + 1} s{stage}", unit="batch",
-                         leave=False, dynamic_ncols=True, file=sys.stderr)
+            self._bar = tqdm(total=self._epochs * n_batches, desc=self._run, unit="batch", leave=False,
+                             dynamic_ncols=True, file=sys.stderr, disable=None)  # None: off when not a tty
+        self._bar.set_description_str(f"{self._run} epoch {epoch + 1}/{self._epochs} (stage {stage})",
+                                      refresh=False)
 
     def batch_done(self, loss: float) -> None:
         if self._bar is not None:
+            self._bar.set_postfix_str(f"loss {loss:.3f}", refresh=False)
             self._bar.update(1)
-            self._bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
 
     def epoch_done(self, entry: dict) -> None:
-        self._close()
+        pass
 
     def run_done(self, records: list[dict]) -> None:
         self._close()
