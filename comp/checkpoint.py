@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import re
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -87,18 +88,52 @@ def save_checkpoint(path: str | Path, model: nn.Module | Mapping[str, torch.Tens
     return path
 
 
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def file_kind(path: str | Path) -> str:
+    """What a file is by its first bytes: "hdf5" (a feature store), "zip" (torch.save's format), "pickle"
+    (older torch.save files, raw pickles), "empty" or "other"."""
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if not head:
+        return "empty"
+    if head == HDF5_SIGNATURE:
+        return "hdf5"
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if head[:1] == b"\x80":
+        return "pickle"
+    return "other"
+
+
+def _refusal(err: BaseException) -> str:
+    """Why the restricted unpickler refused a file, in our words. PyTorch's own message suggests loading with
+    weights_only=False, which is exactly what must never be done with a file of unknown origin: not repeated."""
+    match = re.search(r"GLOBAL (\S+)", str(err))
+    if match:
+        return f"it refers to {match.group(1)}, which is neither a tensor nor plain data (such a reference can run code)"
+    return "its contents are not plain tensors and data, or it is damaged"
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
     """(state_dict, meta) of a checkpoint; refuses anything that is not a plain-tensor comp checkpoint."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    kind = file_kind(path)
+    if kind == "hdf5":
+        raise CheckpointError(f"{path}: this is an HDF5 file (a feature store, as comp-extract and comp-import "
+                              "write), not a checkpoint; checkpoints are the best.pt files comp-train writes")
+    if kind in ("empty", "other"):
+        raise CheckpointError(f"{path}: not a checkpoint ({'an empty file' if kind == 'empty' else 'not a file torch.save wrote'}); "
+                              "checkpoints are the best.pt files comp-train writes")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - the restricted unpickler raises several types
         raise CheckpointError(
-            f"{path}: refused to load: it is not a plain-tensor checkpoint (it may contain pickled code, "
-            f"or be damaged or from another tool). Only files written by comp-train are accepted. "
-            f"Detail: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+            f"{path}: refused to load: {_refusal(err)}. Only plain-tensor checkpoints written by comp-train are "
+            "accepted.") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a comp-train checkpoint (no '{FORMAT}' marker)")
     if payload.get("format_version") != FORMAT_VERSION:

@@ -52,10 +52,22 @@ class PredictError(RuntimeError):
 
 # --------------------------------------------------------------------------------------------- inputs
 
+MODEL_WANTED = "--model wants the run folder comp-train wrote (its --out) or the best.pt in it"
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file, or a run folder holding `best.pt` (directly or in one sub-run folder)."""
+    """A checkpoint file, or a run folder holding `best.pt` (directly or in one sub-run folder).
+
+    A feature store or a media file given by mistake is named for what it is, before anything loads it."""
+    from comp.checkpoint import file_kind
+
     path = Path(path)
     if path.is_file():
+        if file_kind(path) == "hdf5":
+            raise PredictError(f"{path} is a feature store (HDF5), not a model: {MODEL_WANTED}. Train one on it "
+                               f"first: comp-train {path} --out runs/mine")
+        if is_media(path):
+            raise PredictError(f"{path} is a media file, not a model: pass clips as arguments, and {MODEL_WANTED}")
         return path
     if path.is_dir():
         direct = path / CHECKPOINT_NAME
@@ -186,7 +198,7 @@ class Predictor:
             # weights-only read first: refuse an unusable spec before any extractor model is loaded
             _, meta = load_checkpoint(checkpoint, map_location="cpu")
         except CheckpointError as err:
-            raise PredictError(_one_line(err)) from None
+            raise PredictError(f"{_one_line(err)}; {MODEL_WANTED}") from None
         spec = _check_spec(meta, checkpoint)
         normalizer = _build_normalizer(meta, checkpoint)
         extraction = _build_extraction(spec, dev, checkpoint)

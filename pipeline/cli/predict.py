@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -60,23 +61,50 @@ def _modality_cell(entry: dict[str, Any]) -> str:
     return "yes" if entry.get("present") else f"no: {entry.get('reason', '')}"
 
 
-def format_table(results: Sequence[dict[str, Any]]) -> str:
-    """A short fixed-width table: clip, prediction, confidence, each modality, transcript."""
-    header = ("clip", "prediction", "p", "audio", "text", "visual", "transcript")
+def display_names(clips: Sequence[str]) -> list[str]:
+    """The clips' paths relative to the folder they all lie in, so that angry/clip0.mp4 and sad/clip0.mp4
+    stay apart; one clip: its file name."""
+    if len(clips) == 1:
+        return [Path(clips[0]).name]
+    paths = [Path(c) for c in clips]
+    try:
+        root = os.path.commonpath([str(p.parent) for p in paths])
+    except ValueError:  # absolute and relative paths mixed
+        paths = [p.resolve() for p in paths]
+        root = os.path.commonpath([str(p.parent) for p in paths])
+    return [os.path.relpath(p, root) for p in paths]
+
+
+# widths of the cells (text longer than this ends in "…"): a modality cell holds "no: " + the longest reason
+# code with its detail ("no: no-audio: no-audio-stream", "no: too-few-face-frames: 12/32"); errors are not cut
+LIMITS = {"clip": 48, "prediction": 12, "p": 4, "audio": 36, "text": 36, "visual": 36, "transcript": 40}
+
+
+def format_table(results: Sequence[dict[str, Any]], names: Sequence[str] | None = None) -> str:
+    """A short fixed-width table: clip, prediction, its probability (rounded; the JSON keeps full precision),
+    each modality, transcript, and the error of each clip that could not be predicted (only when there is one).
+    `names` label the rows (default: the paths relative to their common folder, `display_names`)."""
+    names = list(names) if names is not None else display_names([r["clip"] for r in results])
+    header = ["clip", "prediction", "p", "audio", "text", "visual", "transcript"]
+    errors = any(r.get("prediction") is None for r in results)
+    if errors:
+        header.append("error")
     rows = []
-    for r in results:
+    for name, r in zip(names, results):
         pred = r.get("prediction")
         if pred is None:
-            label, conf = "-", r.get("error", "")
+            label, conf = "-", "-"
         elif "label" in pred:
             label, conf = pred["label"], f"{pred['probs'][pred['label']]:.2f}"
         else:
             label, conf = f"{pred['value']:.3f}", ""
         mods = r["modalities"]
-        rows.append((Path(r["clip"]).name, label, conf, _modality_cell(mods["audio"]), _modality_cell(mods["text"]),
-                     _modality_cell(mods["visual"]), r.get("transcript", "")))
-    limits = (28, 12, 44, 22, 22, 22, 40)
-    cells = [[_cell(v, w) for v, w in zip(row, limits)] for row in [header, *rows]]
+        row = [name, label, conf, _modality_cell(mods["audio"]), _modality_cell(mods["text"]),
+               _modality_cell(mods["visual"]), r.get("transcript", "")]
+        if errors:
+            row.append(r.get("error", ""))
+        rows.append(row)
+    cells = [[_cell(v, LIMITS.get(h, 10_000)) for v, h in zip(row, header)] for row in [header, *rows]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -128,6 +156,7 @@ def _run(args: argparse.Namespace) -> int:
     if out_path is not None:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         stream = open(out_path, "w", encoding="utf-8")
+    bar = _progress(len(clips), quiet=args.quiet)
     try:
         for pred in predictor.predict_paths(clips):
             result = pred.to_dict()
@@ -136,16 +165,31 @@ def _run(args: argparse.Namespace) -> int:
                 failed += 1
                 log.warning("%s: %s", result["clip"], result.get("error", "not predicted"))
             if args.format == "json" and many:  # JSON Lines stream as clips finish
-                stream.write(json.dumps(result, ensure_ascii=False) + "\n")
-                stream.flush()
+                with bar.external_write_mode(file=stream):  # lifts the bar when both share a terminal
+                    stream.write(json.dumps(result, ensure_ascii=False) + "\n")
+                    stream.flush()
+            bar.update(1)
+        bar.close()
         if args.format == "table" or not many:
             _write(results, args.format, stream, lines=many)
     finally:
+        bar.close()
         if out_path is not None:
             stream.close()
     if out_path is not None and not args.quiet:
         print(f"comp-predict: {len(results)} prediction(s) written to {out_path}", file=sys.stderr)
     return 1 if failed else 0
+
+
+PROGRESS_FROM = 4  # clips: below this a bar is more noise than help
+
+
+def _progress(total: int, *, quiet: bool):
+    """A clip counter on stderr that clears itself; off for a few clips, with -q, and when stderr is no tty."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="clip", desc="predicting", leave=False, dynamic_ncols=True, file=sys.stderr,
+                disable=True if quiet or total < PROGRESS_FROM else None)
 
 
 if __name__ == "__main__":
