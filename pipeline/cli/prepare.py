@@ -32,22 +32,53 @@ not read start with meta_ (e.g. meta_intensity): filter on them before extractin
 """
 
 
+DATASETS = {
+    "ravdess": ("RAVDESS: 24 actors, 8 emotions, file-name codes",
+                "RAVDESS (audio-only 03-*.wav, audio-visual 01-*.mp4, video-only 02-*.mp4). Label, intensity, "
+                "statement and actor come from the file-name code; speaker = actor; split: actors 1-16 train, "
+                "17-20 val, 21-24 test; fold: six groups of four actors."),
+    "cremad": ("CREMA-D: 91 actors, 6 emotions, AudioWAV/ and VideoFlash/",
+               "CREMA-D (AudioWAV/*.wav, VideoFlash/*.flv, ActorID_Sentence_Emotion_Level). speaker = actor; no "
+               "official split, so an actor-independent one: fold = (ActorID - 1001) mod 5 + 1, split: fold 5 "
+               "test, fold 4 val, the rest train."),
+    "meld": ("MELD: Friends dialogues, 7 emotions or 3 sentiments, official split",
+             "MELD.Raw (train/dev/test_sent_emo.csv and the dia<D>_utt<U>.mp4 folders). conversation = dialogue, "
+             "position = utterance, speaker = character, the official train/dev/test split."),
+    "iemocap": ("IEMOCAP full release: utterances as segments of the dialogue videos, fold = session",
+                "IEMOCAP_full_release (Session*/dialog/EmoEvaluation, transcriptions, avi/DivX, sentences/wav). "
+                "Each utterance is a time segment of its dialogue video with its own sentence wav as audio and "
+                "the speaking actor's half of the frame as crop; conversation = dialogue, fold = session."),
+    "mosi": ("CMU-MOSI in the MMSA layout (label.csv, Raw/)", "CMU-MOSI, MMSA layout: regression in [-3, 3]."),
+    "mosei": ("CMU-MOSEI in the MMSA layout (label.csv, Raw/)", "CMU-MOSEI, MMSA layout: regression in [-3, 3]."),
+    "sims": ("CH-SIMS in the MMSA layout (label.csv, Raw/); Mandarin",
+             "CH-SIMS, MMSA layout: regression in [-1, 1]. Mandarin: use a Chinese or multilingual text encoder."),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="comp-prepare", formatter_class=HelpFormatter, epilog=EPILOG,
                                 description="Turn a dataset tree in its published layout into a manifest CSV "
                                             "(labels, speakers, conversations, splits) for comp-extract.")
     sub = p.add_subparsers(dest="dataset", metavar="DATASET", required=True)
-    r = sub.add_parser("ravdess", formatter_class=HelpFormatter, epilog=EPILOG,
-                       help="RAVDESS: 24 actors, 8 emotions, file-name codes",
-                       description="RAVDESS (audio-only 03-*.wav, audio-visual 01-*.mp4, video-only 02-*.mp4). "
-                                   "Label, intensity, statement and actor come from the file-name code; "
-                                   "speaker = actor; split: actors 1-16 train, 17-20 val, 21-24 test; fold: six "
-                                   "groups of four actors.")
+    parsers = {name: sub.add_parser(name, formatter_class=HelpFormatter, epilog=EPILOG, help=short,
+                                    description=long) for name, (short, long) in DATASETS.items()}
+    r = parsers["ravdess"]
     r.add_argument("--channel", choices=["speech", "song", "both"], default="speech", help="which recordings")
     r.add_argument("--media", choices=["auto", "av", "audio", "video"], default="auto",
                    help="auto: the audio-visual mp4 when there is one, else video-only with the wav as its audio, "
                         "else the wav")
-    for sp in (r,):
+    parsers["cremad"].add_argument("--media", choices=["auto", "av", "audio", "video"], default="auto",
+                                   help="auto: the flv with the wav as its audio when both exist, else the one there")
+    parsers["meld"].add_argument("--label", choices=["emotion", "sentiment"], default="emotion",
+                                 help="which annotation becomes the label")
+    parsers["iemocap"].add_argument("--classes", type=int, choices=[4, 6], default=4,
+                                    help="4: neutral, happy (+excited), sad, angry; 6: adds excited and frustrated")
+    parsers["iemocap"].add_argument("--context", choices=["labelled", "all"], default="labelled",
+                                    help="all: keep utterances outside the label map as unlabelled context")
+    for name in ("mosi", "mosei", "sims"):
+        parsers[name].add_argument("--label-column", default="label",
+                                   help="the label.csv column that becomes the value (label_T/A/V in CH-SIMS)")
+    for sp in parsers.values():
         sp.add_argument("root", metavar="ROOT", type=Path, help="the dataset folder, as downloaded and unpacked")
         sp.add_argument("--out", metavar="CSV", type=Path, required=True, help="manifest to write")
         sp.add_argument("-q", "--quiet", action="store_true", help="warnings only")

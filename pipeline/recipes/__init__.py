@@ -20,8 +20,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-MANIFEST_COLUMNS = ("path", "audio_path", "start", "end", "id", "label", "value", "conversation", "position",
-                    "speaker", "split", "fold")
+MANIFEST_COLUMNS = ("path", "audio_path", "start", "end", "crop", "id", "label", "value", "conversation",
+                    "position", "speaker", "split", "fold")
 META_PREFIX = "meta_"  # informational columns: kept in the manifest, not read by comp-extract
 
 
@@ -45,6 +45,7 @@ class ManifestRow:
     audio_path: str = ""  # a separate audio file for this clip (relative to the root), "" = the clip's own audio
     start: float = math.nan
     end: float = math.nan
+    crop: str = ""  # "x0,y0,x1,y1": the part of the frame that shows this clip's speaker, as fractions
     meta: dict[str, str] = field(default_factory=dict)  # written as meta_<key> columns
 
 
@@ -113,6 +114,9 @@ def write_manifest(rows: Sequence[ManifestRow], out: Path) -> list[str]:
 
 def recipes() -> dict[str, Recipe]:
     """Every recipe by dataset name (imported lazily so that one recipe's imports never break another)."""
-    from pipeline.recipes import ravdess
+    import functools
 
-    return {"ravdess": ravdess.prepare}
+    from pipeline.recipes import cremad, iemocap, meld, mmsa, ravdess
+
+    return {"ravdess": ravdess.prepare, "cremad": cremad.prepare, "meld": meld.prepare, "iemocap": iemocap.prepare,
+            **{name: functools.partial(mmsa.prepare, dataset=name) for name in mmsa.DATASETS}}
