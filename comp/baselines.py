@@ -63,7 +63,7 @@ from threadpoolctl import threadpool_limits
 from comp import masks
 from comp.config import MODALITY_ORDER, TrainConfig
 from comp.data import Conversation, FoldPlan, Normalizer, build_conversations, plan_folds, select
-from comp.metrics import is_improvement, metric_names, primary_metric, score, summarize
+from comp.metrics import confusion, is_improvement, metric_names, primary_metric, score, summarize
 from comp.seeding import mask_rng
 from pipeline.store import StoreData
 
@@ -247,18 +247,20 @@ class _Model:
         return np.asarray(self.estimator.predict(x))
 
 
+def _predict_sets(model: _Model, sets: Mapping[str, tuple[np.ndarray, np.ndarray]],
+                  labels: Sequence[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(targets, predictions) per condition, plus "pooled" over all of them (as `pool_results`)."""
+    out = {label: (y, model.predict(x) if len(y) else np.zeros(0)) for label, (x, y) in sets.items()}
+    if "pooled" in labels:
+        out["pooled"] = (np.concatenate([y for y, _ in out.values()]),
+                         np.concatenate([p for _, p in out.values()]))
+    return out
+
+
 def _score_sets(model: _Model, sets: Mapping[str, tuple[np.ndarray, np.ndarray]], task: str,
                 labels: Sequence[str]) -> dict[str, dict[str, float]]:
     """Scores per condition, plus "pooled" over all of them (predictions concatenated, as `pool_results`)."""
-    out, ys, preds = {}, [], []
-    for label, (x, y) in sets.items():
-        p = model.predict(x) if len(y) else np.zeros(0)
-        out[label] = score(task, y, p)
-        ys.append(y)
-        preds.append(p)
-    if "pooled" in labels:
-        out["pooled"] = score(task, np.concatenate(ys), np.concatenate(preds))
-    return out
+    return {label: score(task, y, p) for label, (y, p) in _predict_sets(model, sets, labels).items()}
 
 
 # ------------------------------------------------------------------------------------------------- runs
@@ -278,15 +280,18 @@ def _fit_baseline(spec: BaselineSpec, train: Rows, val: Mapping[str, Rows], test
     val_m, test_m = matrices(val), matrices(test)
     main = labels[-1]
     grid = C_GRID if val_m else (DEFAULT_C,)
-    best_c, best_score, best_tests = grid[0], None, None
+    best_c, best_score, best_tests, best_confusion = grid[0], None, None, None
     for c in grid:
         model.fit(x_train, y_train, c)
         value = _score_sets(model, val_m, task, labels)[main][metric] if val_m else math.nan
         if best_tests is None or is_improvement(metric, value, best_score):
             best_c, best_score = c, (value if math.isfinite(value) else best_score)
-            best_tests = _score_sets(model, test_m, task, labels)
+            predicted = _predict_sets(model, test_m, labels)
+            best_tests = {k: score(task, y, p) for k, (y, p) in predicted.items()}
+            best_confusion = ({k: confusion(y, p, n_outputs) if len(y) else None for k, (y, p) in predicted.items()}
+                              if task == "classification" else None)
     return {"C": best_c, "val_score": best_score, "selected_on": selected_on if val_m else NO_VAL,
-            "tests": best_tests}
+            "tests": best_tests, "confusion": best_confusion}
 
 
 def _mask_key(conversations: Sequence[Conversation]) -> str:
@@ -301,7 +306,7 @@ def run_baselines(*, data: StoreData, cfg: TrainConfig, out_dir: Path | None = N
 
     Returns {name: {"description", "seconds", "summary": {metric: {mean, std, n}} (main condition, as
     ComP's summary), "summary_by_condition": {condition: summary}, "runs": [{"fold", "seed", "condition",
-    "C", "selected_on", "val_score", "test": {metric: value}}]}}. `out_dir` is not written to: the caller
+    "C", "selected_on", "val_score", "test": {metric: value}, "confusion": [[int]] or None}]}}. `out_dir` is not written to: the caller
     stores the result in metrics.json.
     """
     del out_dir  # the result goes into metrics.json; nothing of its own to write
@@ -370,7 +375,8 @@ def _run_plan(plan: FoldPlan, conversations: Sequence[Conversation], cfg: TrainC
             for cond in labels:
                 runs[b.name].append({"fold": plan.name, "seed": seed, "condition": cond, "C": fit["C"],
                                      "selected_on": fit["selected_on"], "val_score": fit["val_score"],
-                                     "test": fit["tests"][cond]})
+                                     "test": fit["tests"][cond],
+                                     "confusion": fit["confusion"][cond] if fit["confusion"] else None})
 
 
 def _fmt_mean(entry: Mapping[str, Any] | None) -> str:

@@ -85,6 +85,10 @@ class ModelConfig:
         return self.quirks.resolve(self.variant)
 
 
+PLANS = ("auto", "folds", "split", "random")
+VAL_BY = ("auto", "speaker", "conversation")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """How comp-train trains and evaluates (the protocol of docs/model.md §3, §6)."""
@@ -99,6 +103,8 @@ class TrainConfig:
     seeds: int = 1
     missing: str = "natural"  # natural | random:R | fixed:a,t,v,at,av,tv,atv
     folds: str = "all"  # which held-out folds to run: all | 1,3,5
+    plan: str = "auto"  # auto (folds, else the store's split, else random) | folds | split | random
+    val_by: str = "auto"  # how validation is held out of training: auto | speaker | conversation (comp.data)
     val_fraction: float = 0.15  # of training conversations held out for selection when the store has no val
     test_fraction: float = 0.2  # of conversations, only when the store has neither splits nor folds
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -116,3 +122,7 @@ class TrainConfig:
             raise ValueError("stage_epochs must be between 0 and epochs")
         if self.seeds < 1:
             raise ValueError("seeds must be >= 1")
+        if self.plan not in PLANS:
+            raise ValueError(f"plan must be one of {', '.join(PLANS)}, got {self.plan!r}")
+        if self.val_by not in VAL_BY:
+            raise ValueError(f"val_by must be one of {', '.join(VAL_BY)}, got {self.val_by!r}")

@@ -4,12 +4,18 @@ ComP sees a whole conversation at a time (docs/model.md §1): rows of the store 
 and ordered by `position`. Unlabelled rows (classification label "" / regression value NaN) stay in their
 conversation as context and are predicted, but they take no part in the loss or the scores (`labelled`).
 
-Evaluation plans (`plan_folds`), in order of precedence:
+Evaluation plans (`plan_folds`); `TrainConfig.plan` names one, or `auto` takes the first that the store has:
 
-1. the store has `fold` > 0 (IEMOCAP sessions): leave one fold out; validation conversations are held out of
-   the training folds with a seed, never taken from the test fold;
-2. the store has `split` values (CMU-MOSI): its train/val/test; without val rows, val is held out of train;
-3. neither: a seeded split by conversation into train/val/test.
+1. `folds`: the store has `fold` > 0 (IEMOCAP sessions, RAVDESS actor groups): leave one fold out; validation
+   conversations are held out of the training folds with a seed, never taken from the test fold;
+2. `split`: the store has `split` values (CMU-MOSI): its train/val/test; without val rows, val is held out of train;
+3. `random`: a seeded split by conversation into train/val/test.
+
+Validation held out of training (`TrainConfig.val_by`): when the evaluation is speaker-independent (no test
+speaker speaks in the training conversations) and every conversation names its speaker(s), `auto` holds out
+whole speakers (conversations that share a speaker stay together), so that selection is not made on voices
+the model trained on; otherwise it holds out conversations at random. `speaker` insists (and also makes the
+random split speaker-independent); `conversation` never groups.
 
 `paper_protocol=True` gives the released code's view instead (docs/model.md §2.4, §6.3): no validation set,
 the test conversations double as "val", and the store's own val split is left unused.
@@ -199,8 +205,18 @@ class FoldPlan:
     val_is_test: bool = False
 
 
-def _conversation_table(data: StoreData) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(conversation ids sorted, fold, split, has-label) per conversation of the usable rows."""
+@dataclass(frozen=True)
+class _Table:
+    """One entry per conversation of the usable rows, conversation ids sorted."""
+
+    names: np.ndarray  # str [K]
+    fold: np.ndarray  # int [K]
+    split: np.ndarray  # str [K]
+    has_label: np.ndarray  # bool [K]
+    speakers: tuple[frozenset[str], ...]  # [K] the speakers of each conversation ("" left out)
+
+
+def _conversation_table(data: StoreData) -> _Table:
     data = data.usable()
     _, labelled = encode_targets(data)
     conv = data.conversation.astype(str)
@@ -214,24 +230,88 @@ def _conversation_table(data: StoreData) -> tuple[np.ndarray, np.ndarray, np.nda
                         "conversation must lie in one fold and one split")
     has_label = np.zeros(len(names), dtype=bool)
     np.logical_or.at(has_label, inverse, labelled)
-    return names, fold, split, has_label
+    speakers: list[set[str]] = [set() for _ in names]
+    for k, speaker in zip(inverse, data.speaker.astype(str)):
+        if speaker:
+            speakers[k].add(speaker)
+    return _Table(names, fold, split, has_label, tuple(frozenset(s) for s in speakers))
 
 
 def _round(x: float) -> int:
     return int(np.floor(x + 0.5))
 
 
-def _hold_out(pool: np.ndarray, fraction: float, rng: np.random.Generator,
-              where: str) -> tuple[np.ndarray, np.ndarray]:
-    """(kept, held out): a seeded `fraction` of `pool` (at least one when fraction > 0, at least one kept)."""
+def speaker_groups(speakers: Sequence[frozenset[str]]) -> np.ndarray | None:
+    """Group index per conversation, conversations that share a speaker in one group; None when any
+    conversation has no speaker (then nothing can be held out by speaker)."""
+    if not speakers or any(not s for s in speakers):
+        return None
+    parent = list(range(len(speakers)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    owner: dict[str, int] = {}
+    for i, names in enumerate(speakers):
+        for name in names:
+            if name in owner:
+                parent[find(i)] = find(owner[name])
+            else:
+                owner[name] = i
+    roots = [find(i) for i in range(len(speakers))]
+    return np.unique(roots, return_inverse=True)[1]
+
+
+def _by_speaker(table: _Table, pool: np.ndarray, others: np.ndarray, how: str, where: str) -> np.ndarray | None:
+    """Speaker groups of the `pool` conversations when validation is to be held out by speaker, else None.
+
+    auto: by speaker when every conversation has a speaker, the evaluation part (`others`) shares no speaker
+    with the pool (a speaker-independent protocol) and the pool holds at least two speaker groups.
+    """
+    if how == "conversation":
+        return None
+    speakers = [table.speakers[i] for i in np.flatnonzero(pool)]
+    groups = speaker_groups(speakers)
+    outside = frozenset().union(*(table.speakers[i] for i in np.flatnonzero(others)))
+    independent = groups is not None and not outside & frozenset().union(*speakers)
+    if groups is not None and independent and groups.max() >= 1:
+        return groups
+    if how == "speaker":
+        why = ("some conversations have no speaker" if groups is None else
+               "the training conversations share speakers with the test ones" if not independent else
+               "the training conversations all share one speaker group")
+        raise DataError(f"{where}: val_by=speaker, but {why}; set val_by=conversation (or auto)")
+    if groups is not None and not independent:
+        log.info("%s: test speakers also speak in training, so validation is held out by conversation", where)
+    return None
+
+
+def _hold_out(pool: np.ndarray, fraction: float, rng: np.random.Generator, where: str,
+              groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held out): a seeded `fraction` of `pool` (at least one when fraction > 0, at least one kept).
+
+    With `groups` (one group index per pool entry, e.g. speakers), whole groups are held out: groups in a
+    seeded order until at least `fraction` of the pool is held out, always keeping one group.
+    """
     if fraction <= 0:
         return pool, pool[:0]
     if len(pool) < 2:
         raise DataError(f"{where}: only {len(pool)} labelled training conversation(s), so none can be held out "
                         "for validation; add conversations or set val_fraction=0 (the last epoch is then kept)")
     n_val = min(max(1, _round(fraction * len(pool))), len(pool) - 1)
-    perm = rng.permutation(len(pool))
-    return np.sort(pool[perm[n_val:]]), np.sort(pool[perm[:n_val]])
+    if groups is None:
+        perm = rng.permutation(len(pool))
+        return np.sort(pool[perm[n_val:]]), np.sort(pool[perm[:n_val]])
+    held = np.zeros(len(pool), dtype=bool)
+    order = rng.permutation(int(groups.max()) + 1)
+    for g in order[:-1]:  # the last group in the order always trains
+        if held.sum() >= n_val:
+            break
+        held |= groups == g
+    return np.sort(pool[~held]), np.sort(pool[held])
 
 
 def _parse_folds(spec: str, available: Sequence[int]) -> list[int]:
@@ -250,21 +330,30 @@ def _parse_folds(spec: str, available: Sequence[int]) -> list[int]:
 
 
 def plan_folds(data: StoreData, cfg: TrainConfig, *, paper_protocol: bool = False) -> list[FoldPlan]:
-    """The runs' train/val/test conversation ids (see the module docstring for the three store kinds)."""
-    names, fold, split, has_label = _conversation_table(data)
-    if len(names) == 0:
+    """The runs' train/val/test conversation ids (see the module docstring for the plans and `cfg.plan`)."""
+    table = _conversation_table(data)
+    if len(table.names) == 0:
         raise DataError("the store has no usable clips; run comp-extract (or comp-import) first")
-    if np.any(fold > 0):
-        return _plan_leave_one_fold_out(names, fold, has_label, cfg, paper_protocol)
-    if str(cfg.folds).strip().lower() != "all":
-        raise DataError(f"folds={cfg.folds!r} was asked for, but the store has no fold column values; leave "
-                        "folds at 'all'")
-    if np.any(split != ""):
-        return [_plan_store_split(names, split, has_label, cfg, paper_protocol)]
-    return [_plan_random_split(names, has_label, cfg, paper_protocol)]
+    has_folds, has_split = bool(np.any(table.fold > 0)), bool(np.any(table.split != ""))
+    plan = cfg.plan
+    if plan == "auto":
+        plan = "folds" if has_folds else "split" if has_split else "random"
+    if plan != "folds" and str(cfg.folds).strip().lower() != "all":
+        raise DataError(f"folds={cfg.folds!r} was asked for, but the run uses the {plan} plan; leave folds at "
+                        "'all'" + (" or set plan=folds" if has_folds else ""))
+    if plan == "folds":
+        if not has_folds:
+            raise DataError("plan=folds, but the store has no fold values; use plan=split or plan=random")
+        return _plan_leave_one_fold_out(table, cfg, paper_protocol)
+    if plan == "split":
+        if not has_split:
+            raise DataError("plan=split, but the store has no split values; use plan=folds or plan=random")
+        return [_plan_store_split(table, cfg, paper_protocol)]
+    return [_plan_random_split(table, cfg, paper_protocol)]
 
 
-def _plan_leave_one_fold_out(names, fold, has_label, cfg, paper_protocol) -> list[FoldPlan]:
+def _plan_leave_one_fold_out(table: _Table, cfg: TrainConfig, paper_protocol: bool) -> list[FoldPlan]:
+    names, fold, has_label = table.names, table.fold, table.has_label
     available = sorted(int(f) for f in set(fold.tolist()) if f > 0)
     if len(available) < 2:
         raise DataError(f"the store has a single fold ({available[0]}); leave-one-fold-out needs at least two. "
@@ -279,16 +368,18 @@ def _plan_leave_one_fold_out(names, fold, has_label, cfg, paper_protocol) -> lis
         if paper_protocol:
             plans.append(FoldPlan(str(k), tuple(rest), tuple(test), tuple(test), val_is_test=True))
             continue
-        rest_labelled = rest[has_label[fold != k]]
+        pool = (fold != k) & has_label
+        groups = _by_speaker(table, pool, fold == k, cfg.val_by, f"fold {k}")
         rng = np.random.default_rng([int(cfg.seed), VAL_STREAM, k])
-        _, val = _hold_out(rest_labelled, cfg.val_fraction, rng, f"fold {k}")
+        _, val = _hold_out(names[pool], cfg.val_fraction, rng, f"fold {k}", groups)
         train = np.setdiff1d(rest, val)
         plans.append(FoldPlan(str(k), tuple(train), tuple(val), tuple(test)))
         _warn_unlabelled(f"fold {k}", test, names, has_label)
     return plans
 
 
-def _plan_store_split(names, split, has_label, cfg, paper_protocol) -> FoldPlan:
+def _plan_store_split(table: _Table, cfg: TrainConfig, paper_protocol: bool) -> FoldPlan:
+    names, split, has_label = table.names, table.split, table.has_label
     unsplit = names[split == ""]
     if len(unsplit):
         raise DataError(f"{len(unsplit)} conversation(s) (e.g. {unsplit[0]!r}) have no split while others do; "
@@ -304,14 +395,16 @@ def _plan_store_split(names, split, has_label, cfg, paper_protocol) -> FoldPlan:
         return FoldPlan("split", tuple(train), tuple(test), tuple(test), val_is_test=True)
     if len(val) == 0:
         rng = np.random.default_rng([int(cfg.seed), VAL_STREAM, 0])
-        labelled_train = train[has_label[split == "train"]]
-        _, val = _hold_out(labelled_train, cfg.val_fraction, rng, "split")
+        pool = (split == "train") & has_label
+        groups = _by_speaker(table, pool, split == "test", cfg.val_by, "split")
+        _, val = _hold_out(names[pool], cfg.val_fraction, rng, "split", groups)
         train = np.setdiff1d(train, val)
     _warn_unlabelled("split", test, names, has_label)
     return FoldPlan("split", tuple(train), tuple(val), tuple(test))
 
 
-def _plan_random_split(names, has_label, cfg, paper_protocol) -> FoldPlan:
+def _plan_random_split(table: _Table, cfg: TrainConfig, paper_protocol: bool) -> FoldPlan:
+    names, has_label = table.names, table.has_label
     pool = names[has_label]
     n = len(pool)
     n_val = 0 if (paper_protocol or cfg.val_fraction <= 0) else max(1, _round(cfg.val_fraction * n))
@@ -328,12 +421,34 @@ def _plan_random_split(names, has_label, cfg, paper_protocol) -> FoldPlan:
         else:
             n_val -= 1
     rng = np.random.default_rng([int(cfg.seed), VAL_STREAM, 0])
-    perm = pool[rng.permutation(n)]
-    test, val = np.sort(perm[:n_test]), np.sort(perm[n_test:n_test + n_val])
+    if cfg.val_by == "speaker":
+        test, val = _speaker_random_split(table, has_label, n_test, n_val, rng)
+    else:
+        perm = pool[rng.permutation(n)]
+        test, val = np.sort(perm[:n_test]), np.sort(perm[n_test:n_test + n_val])
     train = np.setdiff1d(names, np.concatenate([test, val]))  # unlabelled conversations join training
     if paper_protocol:
         return FoldPlan("split", tuple(train), tuple(test), tuple(test), val_is_test=True)
     return FoldPlan("split", tuple(train), tuple(val), tuple(test))
+
+
+def _speaker_random_split(table: _Table, has_label: np.ndarray, n_test: int, n_val: int,
+                          rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(test, val) made of whole speaker groups, at least `n_test` / `n_val` conversations each."""
+    groups = speaker_groups(table.speakers)
+    if groups is None or groups.max() < 1 + (n_val > 0):
+        raise DataError("val_by=speaker: a speaker-independent random split needs a speaker for every "
+                        "conversation and at least three speaker groups; set val_by=conversation")
+    part = np.zeros(len(table.names), dtype=int)  # 0 train, 1 test, 2 val
+    order = rng.permutation(int(groups.max()) + 1)
+    for g in order[:-1]:  # the last group in the order always trains
+        if np.count_nonzero(has_label & (part == 1)) < n_test:
+            part[groups == g] = 1
+        elif np.count_nonzero(has_label & (part == 2)) < n_val:
+            part[groups == g] = 2
+        else:
+            break
+    return np.sort(table.names[(part == 1) & has_label]), np.sort(table.names[(part == 2) & has_label])
 
 
 def _warn_unlabelled(where: str, test: np.ndarray, names: np.ndarray, has_label: np.ndarray) -> None:

@@ -6,7 +6,8 @@ Every clip becomes a `ClipItem`: the media path, a unique id and the row metadat
 - Folder: every file with a media extension below the root, recursively (hidden files and folders skipped).
   id = path relative to the root, without extension, with "/" separators; source = the relative path.
 - Manifest: a CSV with a `path` column (relative to the input root, or absolute) and the optional columns
-  id, label, value, conversation, position, speaker, split, fold. Missing `id` -> the folder rule above.
+  id, label, value, conversation, position, speaker, split, fold; columns named `meta_*` are informational and
+  ignored. Missing `id` -> the folder rule above.
 - `labels_from_folders`: label = name of the folder that holds the file (e.g. `angry/clip01.mp4`).
 
 Task of the store (`infer_task`): "regression" when any clip has a `value` (labels, if any, stay in the
@@ -29,6 +30,7 @@ AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3")
 MEDIA_EXTENSIONS = VIDEO_EXTENSIONS + AUDIO_EXTENSIONS
 MANIFEST_COLUMNS = ("path", "id", "label", "value", "conversation", "position", "speaker", "split", "fold")
 SPLITS = ("train", "val", "test", "")
+META_PREFIX = "meta_"  # informational manifest columns (e.g. comp-prepare's meta_intensity): not read
 
 
 class InputError(ValueError):
@@ -126,7 +128,7 @@ def read_manifest(manifest: str | Path, root: str | Path | None = None, *,
         if "path" not in columns:
             raise InputError(f"{manifest}: needs a 'path' column (found {columns}); "
                              f"allowed columns: {list(MANIFEST_COLUMNS)}")
-        unknown = sorted(set(columns) - set(MANIFEST_COLUMNS))
+        unknown = sorted(c for c in set(columns) - set(MANIFEST_COLUMNS) if not c.startswith(META_PREFIX))
         if unknown:
             raise InputError(f"{manifest}: unknown column(s) {unknown}; allowed: {list(MANIFEST_COLUMNS)}")
         rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]

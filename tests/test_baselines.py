@@ -168,3 +168,17 @@ def test_comp_clean_matches_the_context_baseline_when_trained_long_enough(tmp_pa
     comp = train_protocol(data, cfg).summary["wf1"]["mean"]
     assert context > context_free + 0.03  # the conversation carries label information here
     assert comp >= context - 0.03, (comp, context)
+
+
+def test_runs_carry_the_confusion_their_scores_come_from(small):
+    """Each classification run keeps its test confusion matrix: it counts every test utterance once, its
+    diagonal gives the run's ACC and its per-class recalls average to the run's UA."""
+    result = run_baselines(data=small, cfg=TrainConfig(missing="fixed:a,at"), out_dir=None)
+    n_test = int(np.isin(small.conversation, _test_conversations(small)).sum())
+    for b in result.values():
+        for r in b["runs"]:
+            cm = np.asarray(r["confusion"])
+            assert cm.sum() == (2 * n_test if r["condition"] == "pooled" else n_test)
+            assert np.trace(cm) / cm.sum() == pytest.approx(r["test"]["acc"])
+            rows = cm.sum(axis=1) > 0
+            assert np.mean(np.diag(cm)[rows] / cm.sum(axis=1)[rows]) == pytest.approx(r["test"]["ua"])

@@ -15,7 +15,7 @@ LABELS = ("neu", "hap", "sad")
 
 
 def make_store(tmp_path, conversations, *, fold=None, split=None, task="classification", absent=None,
-               unlabelled=(), seed=0):
+               unlabelled=(), seed=0, speaker=None):
     """A store with `conversations` = {name: n utterances}; fold/split map name -> value; absent maps a clip
     id to the modalities it lacks; positions are written in reverse so that ordering is tested."""
     rng = np.random.default_rng(seed)
@@ -34,7 +34,8 @@ def make_store(tmp_path, conversations, *, fold=None, split=None, task="classifi
             records.append(ClipRecord(id=cid, modalities=mods, conversation=name, position=pos,
                                       label=lab if task == "classification" else "",
                                       value=val if task == "regression" else math.nan,
-                                      fold=(fold or {}).get(name, 0), split=(split or {}).get(name, "")))
+                                      fold=(fold or {}).get(name, 0), split=(split or {}).get(name, ""),
+                                      speaker=(speaker or {}).get(name, "")))
     path = tmp_path / "feats.h5"
     write_store(path, header, records, overwrite=True)
     return read_store(path)
@@ -91,6 +92,67 @@ def test_fold_selection_and_unknown_folds(tmp_path):
     assert [p.name for p in plan_folds(data, TrainConfig(folds="1,3"))] == ["1", "3"]
     with pytest.raises(DataError, match="folds"):
         plan_folds(data, TrainConfig(folds="7"))
+
+
+def _speakers_of(names, speaker):
+    return {speaker[n] for n in names}
+
+
+def _actor_store(tmp_path, *, shared_speakers=False, split=None):
+    """Four folds of three actors, two one-clip conversations per actor (RAVDESS-like). With
+    `shared_speakers`, actor names repeat across folds (the evaluation is then not speaker-independent)."""
+    convs, fold, speaker = {}, {}, {}
+    for f in range(1, 5):
+        for a in range(3):
+            for k in range(2):
+                name = f"f{f}_a{a}_c{k}"
+                convs[name], fold[name] = 1, f
+                speaker[name] = f"actor{a}" if shared_speakers else f"actor{f}{a}"
+    split_map = {n: split(fold[n]) for n in convs} if split else None
+    return convs, fold, speaker, make_store(tmp_path, convs, fold=fold, speaker=speaker, split=split_map)
+
+
+def test_validation_is_held_out_by_speaker_when_test_speakers_are_unseen(tmp_path):
+    """Speaker-independent folds: validation speakers speak in neither training nor test."""
+    convs, fold, speaker, data = _actor_store(tmp_path)
+    for p in plan_folds(data, TrainConfig(val_fraction=0.2)):
+        val_s, train_s, test_s = (_speakers_of(x, speaker) for x in (p.val, p.train, p.test))
+        assert val_s and not val_s & train_s and not val_s & test_s and not train_s & test_s
+        # whole speakers: every conversation of a validation actor is in val
+        assert set(p.val) == {n for n in convs if speaker[n] in val_s}
+
+
+def test_shared_speakers_fall_back_to_conversations_and_speaker_insists(tmp_path):
+    """When test speakers also train, auto holds out conversations; val_by=speaker refuses with the reason."""
+    convs, fold, speaker, data = _actor_store(tmp_path, shared_speakers=True)
+    plans = plan_folds(data, TrainConfig(val_fraction=0.2, seed=3))
+    assert all(p.val for p in plans)
+    assert any(_speakers_of(p.val, speaker) & _speakers_of(p.train, speaker) for p in plans)
+    with pytest.raises(DataError, match="share speakers with the test"):
+        plan_folds(data, TrainConfig(val_by="speaker"))
+
+
+def test_plan_picks_split_or_folds_from_one_store(tmp_path):
+    """A store with both folds and a split: auto and plan=folds run the folds, plan=split the split, and the
+    split's missing val is held out by actor."""
+    convs, fold, speaker, data = _actor_store(tmp_path, split=lambda f: "test" if f == 4 else "train")
+    assert [p.name for p in plan_folds(data, TrainConfig())] == ["1", "2", "3", "4"]
+    plan, = plan_folds(data, TrainConfig(plan="split", val_fraction=0.2))
+    assert plan.name == "split" and set(plan.test) == {n for n in convs if fold[n] == 4}
+    assert not _speakers_of(plan.val, speaker) & _speakers_of(plan.train, speaker)
+    with pytest.raises(DataError, match="plan=folds"):
+        plan_folds(make_store(tmp_path, {"d1": 2, "d2": 2}), TrainConfig(plan="folds"))
+    with pytest.raises(ValueError, match="plan must be"):
+        TrainConfig(plan="kfold")
+
+
+def test_random_split_by_speaker_keeps_three_parts_apart(tmp_path):
+    """val_by=speaker on a store without split or fold: train, val and test speakers are disjoint."""
+    convs = {f"a{a}_c{k}": 1 for a in range(10) for k in range(3)}
+    speaker = {n: n.split("_")[0] for n in convs}
+    plan, = plan_folds(make_store(tmp_path, convs, speaker=speaker), TrainConfig(val_by="speaker"))
+    parts = [_speakers_of(x, speaker) for x in (plan.train, plan.val, plan.test)]
+    assert all(parts) and not parts[0] & parts[1] and not parts[0] & parts[2] and not parts[1] & parts[2]
 
 
 def test_split_store_uses_its_splits_and_holds_val_out_of_train_when_absent(tmp_path):
