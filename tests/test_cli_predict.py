@@ -39,7 +39,8 @@ def test_table_keeps_errors_out_of_p_and_reasons_whole():
     rows = [_result("v/ok.mp4", text="no-audio: no-audio-stream", audio="no-audio-stream"),
             _result("v/bad.mp4", label=None, error="not predicted: decode-error: cannot decode v/bad.mp4: "
                                                       "Invalid data found when processing input",
-                    audio="decode-error", text="decode-error", visual="decode-error")]
+                    **{m: "decode-error: cannot decode v/bad.mp4: Invalid data found when processing input"
+                       for m in ("audio", "text", "visual")})]
     lines = format_table(rows).splitlines()
     header = lines[0].split()
     assert header == ["clip", "prediction", "p", "audio", "text", "visual", "transcript", "error"]
@@ -48,6 +49,7 @@ def test_table_keeps_errors_out_of_p_and_reasons_whole():
     assert lines[3][p_col:p_col + 4].strip() == "-"  # the error is not in the p column ...
     assert lines[3].endswith("Invalid data found when processing input")  # ... but whole, in its own
     assert "no: no-audio: no-audio-stream" in lines[2] and "…" not in lines[2]
+    assert lines[3].count("no: decode-error ") == 3  # the detail is in the error column, once
     assert "error" not in format_table(rows[:1]).splitlines()[0]  # no error column when nothing failed
 
 

@@ -57,8 +57,12 @@ def _cell(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def _modality_cell(entry: dict[str, Any]) -> str:
-    return "yes" if entry.get("present") else f"no: {entry.get('reason', '')}"
+def _modality_cell(entry: dict[str, Any], error: str = "") -> str:
+    """"yes", or "no: " + the reason; a reason the error column already spells out shows its code only."""
+    if entry.get("present"):
+        return "yes"
+    reason = str(entry.get("reason", ""))
+    return f"no: {reason.split(':', 1)[0] if reason and reason in error else reason}"
 
 
 def display_names(clips: Sequence[str]) -> list[str]:
@@ -98,9 +102,9 @@ def format_table(results: Sequence[dict[str, Any]], names: Sequence[str] | None 
             label, conf = pred["label"], f"{pred['probs'][pred['label']]:.2f}"
         else:
             label, conf = f"{pred['value']:.3f}", ""
-        mods = r["modalities"]
-        row = [name, label, conf, _modality_cell(mods["audio"]), _modality_cell(mods["text"]),
-               _modality_cell(mods["visual"]), r.get("transcript", "")]
+        mods, error = r["modalities"], str(r.get("error", ""))
+        row = [name, label, conf, *(_modality_cell(mods[m], error) for m in ("audio", "text", "visual")),
+               r.get("transcript", "")]
         if errors:
             row.append(r.get("error", ""))
         rows.append(row)
