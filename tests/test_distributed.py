@@ -342,15 +342,23 @@ def _without_timings(obj):
 
 
 def test_fan_out_gives_the_run_records_of_a_sequential_run(tmp_path):
-    """2 folds x 1 seed over 2 processes: the same metrics.json (timings aside) and best run as in sequence."""
+    """2 folds x 1 seed over 2 processes: the same metrics.json (timings aside), best run and refit as in sequence."""
+    import torch
+
+    from comp.checkpoint import load_checkpoint
+
     store = make_synthetic_store(tmp_path / "folds.h5", n_conversations=24, utterances=(3, 8), folds=2, seed=1)
-    schedule = ["--epochs", "3", "--stage-epochs", "1"]
+    schedule = ["--epochs", "3", "--stage-epochs", "1", "--refit"]
     sequential = _train(store, tmp_path / "seq", *schedule)
     fanned = _train(store, tmp_path / "fan", *schedule, "--fan-out", "--nproc", "2")
     assert [(r["fold"], r["seed"]) for r in fanned["runs"]] == [("1", 66), ("2", 66)]
     assert _without_timings(fanned) == _without_timings(sequential)
     assert sorted(p.name for p in (tmp_path / "fan" / "runs").glob("*.pt")) == ["fold1-seed66.pt", "fold2-seed66.pt"]
     assert (tmp_path / "fan" / "best.pt").is_file()
+    assert fanned["refit"]["refit_of"] == fanned["best_run"]["run"]
+    one, _ = load_checkpoint(tmp_path / "seq" / "refit.pt")
+    two, _ = load_checkpoint(tmp_path / "fan" / "refit.pt")
+    assert all(torch.equal(one[k], two[k]) for k in one)
 
 
 def test_strip_option_removes_the_launcher_flag():
