@@ -112,7 +112,8 @@ def _refusal(err: BaseException) -> str:
     weights_only=False, which is exactly what must never be done with a file of unknown origin: not repeated."""
     match = re.search(r"GLOBAL (\S+)", str(err))
     if match:
-        return f"it refers to {match.group(1)}, which is neither a tensor nor plain data (such a reference can run code)"
+        return (f"it refers to {match.group(1)}, which is neither a tensor nor plain data (such a reference "
+                "can run code)")
     return "its contents are not plain tensors and data, or it is damaged"
 
 
@@ -126,8 +127,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path}: this is an HDF5 file (a feature store, as comp-extract and comp-import "
                               "write), not a checkpoint; checkpoints are the best.pt files comp-train writes")
     if kind in ("empty", "other"):
-        raise CheckpointError(f"{path}: not a checkpoint ({'an empty file' if kind == 'empty' else 'not a file torch.save wrote'}); "
-                              "checkpoints are the best.pt files comp-train writes")
+        what = "an empty file" if kind == "empty" else "not a file torch.save wrote"
+        raise CheckpointError(f"{path}: not a checkpoint ({what}); checkpoints are the best.pt files comp-train "
+                              "writes")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - the restricted unpickler raises several types

@@ -4,7 +4,6 @@ when it is given something that is not a model. (The real-model behaviour is in 
 from __future__ import annotations
 
 import io
-import json
 import os
 import pickle
 import sys
@@ -126,4 +125,4 @@ def test_refusals_never_suggest_weights_only_false(tmp_path, capsys, write):
     clip.write_bytes(b"x")
     assert cli.main([str(clip), "--model", str(bad)]) == 2
     err = capsys.readouterr().err
-    assert "weights_only" not in err and "--model wants" in err and json.dumps("x")
+    assert "weights_only" not in err and "--model wants" in err

@@ -16,7 +16,7 @@ import torch
 
 import comp.train as train_mod
 from comp.config import ModelConfig, TrainConfig
-from comp.selection import (Candidate, better_epoch, better_run, fused_loss, split_sizes, split_warnings)
+from comp.selection import Candidate, better_epoch, better_run, fused_loss, split_sizes, split_warnings
 from comp.train import RunOutcome, TrainingError, run_training, train_protocol
 from pipeline.store import read_store
 from pipeline.synthetic import make_synthetic_store
