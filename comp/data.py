@@ -9,7 +9,8 @@ Evaluation plans (`plan_folds`); `TrainConfig.plan` names one, or `auto` takes t
 1. `folds`: the store has `fold` > 0 (IEMOCAP sessions, RAVDESS actor groups): leave one fold out; validation
    conversations are held out of the training folds with a seed, never taken from the test fold;
 2. `split`: the store has `split` values (CMU-MOSI): its train/val/test; without val rows, val is held out of train;
-3. `random`: a seeded split by conversation into train/val/test.
+3. `random`: a seeded split by conversation into train/val/test, stratified by class (a conversation counts
+   as its most frequent label), so that a small set keeps every class in every part where it can.
 
 Validation held out of training (`TrainConfig.val_by`): when the evaluation is speaker-independent (no test
 speaker speaks in the training conversations) and every conversation names its speaker(s), `auto` holds out
@@ -214,11 +215,12 @@ class _Table:
     split: np.ndarray  # str [K]
     has_label: np.ndarray  # bool [K]
     speakers: tuple[frozenset[str], ...]  # [K] the speakers of each conversation ("" left out)
+    stratum: np.ndarray  # int [K] most frequent class of the conversation's labelled rows (regression: 0)
 
 
 def _conversation_table(data: StoreData) -> _Table:
     data = data.usable()
-    _, labelled = encode_targets(data)
+    targets, labelled = encode_targets(data)
     conv = data.conversation.astype(str)
     names, inverse = np.unique(conv, return_inverse=True)
     first = np.full(len(names), -1)
@@ -234,7 +236,12 @@ def _conversation_table(data: StoreData) -> _Table:
     for k, speaker in zip(inverse, data.speaker.astype(str)):
         if speaker:
             speakers[k].add(speaker)
-    return _Table(names, fold, split, has_label, tuple(frozenset(s) for s in speakers))
+    stratum = np.zeros(len(names), dtype=np.int64)
+    if data.header.task == "classification":
+        counts = np.zeros((len(names), len(data.header.label_names)), dtype=np.int64)
+        np.add.at(counts, (inverse[labelled], targets[labelled]), 1)
+        stratum = counts.argmax(axis=1)
+    return _Table(names, fold, split, has_label, tuple(frozenset(s) for s in speakers), stratum)
 
 
 def _round(x: float) -> int:
@@ -424,12 +431,27 @@ def _plan_random_split(table: _Table, cfg: TrainConfig, paper_protocol: bool) ->
     if cfg.val_by == "speaker":
         test, val = _speaker_random_split(table, has_label, n_test, n_val, rng)
     else:
-        perm = pool[rng.permutation(n)]
-        test, val = np.sort(perm[:n_test]), np.sort(perm[n_test:n_test + n_val])
+        order = pool[_stratified_order(table.stratum[has_label], rng)]
+        test, val = np.sort(order[:n_test]), np.sort(order[n_test:n_test + n_val])
     train = np.setdiff1d(names, np.concatenate([test, val]))  # unlabelled conversations join training
     if paper_protocol:
         return FoldPlan("split", tuple(train), tuple(test), tuple(test), val_is_test=True)
     return FoldPlan("split", tuple(train), tuple(val), tuple(test))
+
+
+def _stratified_order(stratum: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A seeded order of the entries in which every prefix holds each stratum (class) in proportion.
+
+    Systematic sampling: the i-th of a stratum's n_s entries (in random order) gets the key (i + u_s) / n_s
+    with one random offset u_s per stratum; sorting by key interleaves the strata, so the first n_test entries
+    (test) and the next n_val (validation) hold each class about in its share, and every class with at least
+    three conversations reaches train, validation and test.
+    """
+    keys = np.empty(len(stratum))
+    for s in np.unique(stratum):
+        members = np.flatnonzero(stratum == s)
+        keys[rng.permutation(members)] = (np.arange(len(members)) + rng.random()) / len(members)
+    return np.argsort(keys, kind="stable")
 
 
 def _speaker_random_split(table: _Table, has_label: np.ndarray, n_test: int, n_val: int,

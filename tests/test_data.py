@@ -15,7 +15,7 @@ LABELS = ("neu", "hap", "sad")
 
 
 def make_store(tmp_path, conversations, *, fold=None, split=None, task="classification", absent=None,
-               unlabelled=(), seed=0, speaker=None):
+               unlabelled=(), seed=0, speaker=None, label_of=None):
     """A store with `conversations` = {name: n utterances}; fold/split map name -> value; absent maps a clip
     id to the modalities it lacks; positions are written in reverse so that ordering is tested."""
     rng = np.random.default_rng(seed)
@@ -29,7 +29,7 @@ def make_store(tmp_path, conversations, *, fold=None, split=None, task="classifi
             mods = {m: (ModalityValue(None, "no-face") if m in lacks else
                         ModalityValue(rng.normal(size=d).astype(np.float32) + pos))
                     for m, d in DIMS.items()}
-            lab = "" if cid in unlabelled else LABELS[pos % 3]
+            lab = "" if cid in unlabelled else (label_of or {}).get(name, LABELS[pos % 3])
             val = math.nan if cid in unlabelled else float(pos % 5 - 2)
             records.append(ClipRecord(id=cid, modalities=mods, conversation=name, position=pos,
                                       label=lab if task == "classification" else "",
@@ -231,3 +231,16 @@ def test_shuffled_batches_cover_every_conversation_once(tmp_path):
     order = [c for b in iterate_batches(convs, 4, True, np.random.default_rng(0)) for c in b.conversation_ids]
     again = [c for b in iterate_batches(convs, 4, True, np.random.default_rng(0)) for c in b.conversation_ids]
     assert sorted(order) == sorted(c.id for c in convs) and order == again
+
+
+def test_random_split_keeps_every_class_in_every_part(tmp_path):
+    """Three labels x five one-clip conversations: validation and test each hold one clip of every class,
+    for every seed (an unstratified split leaves a class out of a 3-clip part most of the time)."""
+    convs = {f"{lab}{k}": 1 for lab in LABELS for k in range(5)}
+    data = make_store(tmp_path, convs, label_of={name: name[:-1] for name in convs})
+    label_of = dict(zip(data.conversation.astype(str), data.label.astype(str)))
+    for seed in range(20):
+        plan, = plan_folds(data, TrainConfig(seed=seed, val_fraction=0.2, test_fraction=0.2))
+        for part in (plan.val, plan.test):
+            assert sorted(label_of[c] for c in part) == sorted(LABELS)
+        assert sorted(label_of[c] for c in plan.train) == sorted(LABELS * 3)
