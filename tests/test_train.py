@@ -167,5 +167,6 @@ def test_comp_learns_and_fusion_beats_each_modality(tmp_path):
     # one modality alone can at best tell a class from its partner: a 0.5 ceiling; stage 1 heads are uni-modal
     stage1_best = max(h["val_heads"][m]["acc"] for h in run["history"] if h["stage"] == 1 for m in h["val_heads"])
     assert fused > stage1_best + 0.2
+    # stage-2 heads are not uni-modal (the prompts carry the other modalities), so no margin over them
     for m, head in run["test_heads"].items():
-        assert fused > head["acc"] + 0.1, m
+        assert fused > head["acc"], m
