@@ -210,8 +210,9 @@ class RunOutcome:
 
 
 def _autocast_factory(device: torch.device, cfg: TrainConfig) -> tuple[Callable[[], Any], Any]:
-    """(autocast context factory, GradScaler or None): AMP on CUDA only; fp16 needs loss scaling."""
-    if device.type != "cuda" or not cfg.amp:
+    """(autocast context factory, GradScaler or None): AMP on CUDA only, never with the fp32 quirk (§9.19,
+    the released code runs in full precision); fp16 needs loss scaling."""
+    if device.type != "cuda" or not cfg.amp or cfg.model.resolved.fp32:
         return contextlib.nullcontext, None
     dtype = torch.bfloat16 if cfg.amp_dtype == "bf16" else torch.float16
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
@@ -253,7 +254,10 @@ def fit_run(conversations: Sequence[Any], plan: Any, cfg: TrainConfig, seed: int
     label = f"fold {plan.name} seed {seed}"
 
     train_c = select(conversations, plan.train)
-    normalizer = Normalizer.fit(train_c)
+    if q.raw_features:  # §9.17: the released code feeds the features as stored
+        normalizer = Normalizer.identity({m: int(train_c[0].features[m].shape[1]) for m in MODALITY_ORDER})
+    else:
+        normalizer = Normalizer.fit(train_c)
     train_packed = pack(normalizer.apply(train_c))
     val_c = normalizer.apply(select(conversations, plan.val)) if plan.val else []
     test_c = normalizer.apply(select(conversations, plan.test))
@@ -527,7 +531,7 @@ def train_protocol(data, cfg: TrainConfig, *, hooks: TrainHooks | None = None,
         device = parallel.device if parallel is not None else resolve_device(cfg.device)
         missing = Missingness(parse_missing(cfg.missing))
         paper = bool(cfg.model.resolved.test_selection)
-        conversations = build_conversations(data)
+        conversations = build_conversations(data, zero_vectors_present=bool(cfg.model.resolved.zero_vectors_present))
         plans = plan_folds(data, cfg, paper_protocol=paper)
     except (DataError, ValueError) as err:
         raise TrainingError(str(err)) from None

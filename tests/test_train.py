@@ -165,3 +165,52 @@ def test_comp_learns_and_fusion_beats_each_modality(tmp_path):
     assert fused > stage1_best + 0.2
     for m, head in run["test_heads"].items():
         assert fused > head["acc"] + 0.1, m
+
+
+def _features_seen(data, cfg, monkeypatch) -> np.ndarray:
+    """Every present audio row that reached the model during training and evaluation."""
+    from comp.model import ComP
+
+    seen = []
+    real = ComP.forward
+
+    def spy(self, batch, stage):
+        present = (batch.present[..., 0] & batch.valid).numpy()
+        seen.append(batch.features["audio"].numpy()[present])
+        return real(self, batch, stage)
+
+    monkeypatch.setattr(ComP, "forward", spy)
+    train_protocol(data, cfg)
+    return np.concatenate(seen)
+
+
+@pytest.mark.parametrize("variant", ["faithful", "clean"])
+def test_raw_features_switch_decides_what_the_model_sees(data, monkeypatch, variant):
+    """raw_features (§9.17): faithful feeds the stored vectors unchanged; clean standardises them per dimension
+    with statistics of the training conversations (so no stored vector reaches its model unchanged)."""
+    cfg = _cfg(model=ModelConfig(**{**TINY.__dict__, "variant": variant}), epochs=1, stage_epochs=1)
+    seen = _features_seen(data, cfg, monkeypatch)
+    stored = data.features["audio"][data.present["audio"]]
+    matches = (np.abs(seen[:, None, :] - stored[None, :, :]).max(-1) == 0).any(1)
+    if variant == "faithful":
+        assert matches.all()
+    else:
+        assert not matches.any()
+        assert abs(float(seen.mean())) < 0.5 * abs(float(stored.mean())) + 0.2
+
+
+def test_fp32_switch_turns_mixed_precision_off():
+    """fp32 (§9.19): faithful never autocasts, even on CUDA with amp on; clean autocasts in bf16 there."""
+    import contextlib
+
+    import torch
+
+    from comp.config import Quirks
+
+    cuda = torch.device("cuda")
+    faithful = TrainConfig(model=ModelConfig(variant="faithful"))
+    assert train_mod._autocast_factory(cuda, faithful) == (contextlib.nullcontext, None)
+    autocast, scaler = train_mod._autocast_factory(cuda, TrainConfig(model=ModelConfig(variant="clean")))
+    assert scaler is None and isinstance(autocast(), torch.autocast)
+    flipped = TrainConfig(model=ModelConfig(variant="clean", quirks=Quirks(fp32=True)))
+    assert train_mod._autocast_factory(cuda, flipped) == (contextlib.nullcontext, None)
