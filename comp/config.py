@@ -38,17 +38,18 @@ class Quirks:
     raw_features: bool | None = None  # §9.17: features fed as stored, no per-dimension standardisation
     zero_vectors_present: bool | None = None  # §9.18: all-zero source vectors fed as present (zero) inputs
     fp32: bool | None = None  # §9.19: full precision on CUDA too (no bf16/fp16 autocast)
+    nonzero_mae_corr: bool | None = None  # §9.20: regression MAE/Corr on the y != 0 utterances only
 
     FAITHFUL = dict(gradient_modulator=False, modulator_error="class_index", prompt_mask=False,
                     batch_prototypes=True, outer_prompt_mlp=False, stage1_reconstruction=False,
                     disentangle=True, private_a_for_all=True, double_unimodal_loss=True, test_selection=True,
                     fuse_absent=True, unused_params=True, projected_reconstruction=True,
-                    raw_features=True, zero_vectors_present=True, fp32=True)
+                    raw_features=True, zero_vectors_present=True, fp32=True, nonzero_mae_corr=True)
     CLEAN = dict(gradient_modulator=True, modulator_error="true_class_prob", prompt_mask=True,
                  batch_prototypes=False, outer_prompt_mlp=True, stage1_reconstruction=True,
                  disentangle=False, private_a_for_all=False, double_unimodal_loss=False, test_selection=False,
                  fuse_absent=True, unused_params=False, projected_reconstruction=False,
-                 raw_features=False, zero_vectors_present=False, fp32=False)
+                 raw_features=False, zero_vectors_present=False, fp32=False, nonzero_mae_corr=False)
 
     def resolve(self, variant: str) -> "Quirks":
         """All switches set: explicit values win, the rest come from the variant."""

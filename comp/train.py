@@ -95,15 +95,17 @@ class EvalResult:
         return {m: float(w) for m, w in zip(MODALITY_ORDER, self.weight_sum / self.weight_count)}
 
 
-def _score(result: EvalResult, task: str, label_names: Sequence[str]) -> EvalResult:
+def _score(result: EvalResult, task: str, label_names: Sequence[str], errors_on: str = "all") -> EvalResult:
     from comp.metrics import score
 
-    result.metrics = score(task, result.y_true, result.logits, label_names)
-    result.heads = {m: score(task, result.y_true, result.head_logits[m], label_names) for m in MODALITY_ORDER}
+    result.metrics = score(task, result.y_true, result.logits, label_names, errors_on=errors_on)
+    result.heads = {m: score(task, result.y_true, result.head_logits[m], label_names, errors_on=errors_on)
+                    for m in MODALITY_ORDER}
     return result
 
 
-def pool_results(results: Sequence[EvalResult], task: str, label_names: Sequence[str]) -> EvalResult:
+def pool_results(results: Sequence[EvalResult], task: str, label_names: Sequence[str],
+                 errors_on: str = "all") -> EvalResult:
     """One result over the union of several passes (fixed conditions pooled)."""
     sums = [r.weight_sum for r in results if r.weight_sum is not None]
     pooled = EvalResult(
@@ -112,12 +114,14 @@ def pool_results(results: Sequence[EvalResult], task: str, label_names: Sequence
         head_logits={m: np.concatenate([r.head_logits[m] for r in results]) for m in MODALITY_ORDER},
         weight_sum=np.sum(sums, axis=0) if sums else None,
         weight_count=sum(r.weight_count for r in results if r.weight_sum is not None))
-    return _score(pooled, task, label_names)
+    return _score(pooled, task, label_names, errors_on)
 
 
 def evaluate(model: torch.nn.Module, batches, *, stage: int, task: str, label_names: Sequence[str],
-             device: torch.device, autocast: Callable[[], contextlib.AbstractContextManager]) -> EvalResult:
-    """Predict every batch (eval mode, no autograd) and score the labelled utterances."""
+             device: torch.device, autocast: Callable[[], contextlib.AbstractContextManager],
+             errors_on: str = "all") -> EvalResult:
+    """Predict every batch (eval mode, no autograd) and score the labelled utterances (`errors_on`: see
+    comp.metrics.score)."""
     model.eval()
     ys, fused, weight_sum, weight_count = [], [], None, 0
     heads: dict[str, list[np.ndarray]] = {m: [] for m in MODALITY_ORDER}
@@ -143,7 +147,7 @@ def evaluate(model: torch.nn.Module, batches, *, stage: int, task: str, label_na
         logits=np.concatenate(fused) if fused else empty,
         head_logits={m: np.concatenate(v) if v else empty for m, v in heads.items()},
         weight_sum=weight_sum, weight_count=weight_count)
-    return _score(result, task, label_names)
+    return _score(result, task, label_names, errors_on)
 
 
 # ------------------------------------------------------------------------------------------ missingness
@@ -251,6 +255,7 @@ def fit_run(conversations: Sequence[Any], plan: Any, cfg: TrainConfig, seed: int
     paper = bool(q.test_selection)
     missing = Missingness(parse_missing(cfg.missing))
     metric = _selection_metric(cfg, task)
+    errors_on = "non0" if q.nonzero_mae_corr else "all"  # §9.20: where regression MAE/Corr are computed
     label = f"fold {plan.name} seed {seed}"
 
     train_c = select(conversations, plan.train)
@@ -309,9 +314,9 @@ def fit_run(conversations: Sequence[Any], plan: Any, cfg: TrainConfig, seed: int
             else:
                 batches = iterate_batches(val_sets[cond.label], cfg.batch_size, shuffle=False)
             results[cond.label] = evaluate(model, batches, stage=stage, task=task, label_names=label_names,
-                                           device=device, autocast=autocast)
+                                           device=device, autocast=autocast, errors_on=errors_on)
         if len(missing.conditions) > 1:
-            results["pooled"] = pool_results(list(results.values()), task, label_names)
+            results["pooled"] = pool_results(list(results.values()), task, label_names, errors_on)
         return results
 
     n_batches = math.ceil(len(train_packed) / cfg.batch_size)
@@ -413,9 +418,9 @@ def fit_run(conversations: Sequence[Any], plan: Any, cfg: TrainConfig, seed: int
         for cond in missing.conditions:
             tests[cond.label] = evaluate(model, iterate_batches(test_sets[cond.label], cfg.batch_size, shuffle=False),
                                          stage=sel_stage, task=task, label_names=label_names, device=device,
-                                         autocast=autocast)
+                                         autocast=autocast, errors_on=errors_on)
         if len(missing.conditions) > 1:
-            tests["pooled"] = pool_results(list(tests.values()), task, label_names)
+            tests["pooled"] = pool_results(list(tests.values()), task, label_names, errors_on)
 
     records = []
     for cond in missing.labels:
