@@ -151,3 +151,37 @@ def test_unlabelled_utterances_take_no_part_in_the_loss(variant: str) -> None:
     batch.labelled = None  # the same change counts once the utterance is labelled
     total_c, _ = comp_loss(out, batch, model.cfg, "classification", 2)
     assert not torch.allclose(total_a, total_c)
+
+
+def test_disentangling_separates_shared_from_private_not_only_private_pairs() -> None:
+    """L_dis = sum over modality pairs of |cos(p_i, p_j)| + |cos(p_i, s_i)| + |cos(p_j, s_j)| + JSD(σ(s_i), σ(s_j)).
+    Private codes orthogonal to each other but equal to their shared codes cost 2 per pair besides the JSD."""
+    from comp.losses import disentangle_loss
+
+    eye = torch.eye(4)[:3]  # p_a = e1, p_t = e2, p_v = e3 (one row each)
+    private = eye[:, None, :].clone()  # [3,R=1,D=4]
+    shared = private.clone()
+    ones = torch.ones(1)
+    aux = dict(shared=shared, private=private, dis_real=ones, dis_rows=ones)
+    sig = torch.sigmoid(shared)
+    jsd = sum(jensen_shannon(sig[i], sig[j], ones) for i in range(3) for j in range(i + 1, 3))
+    assert disentangle_loss(aux).item() == pytest.approx(3 * 2 + jsd.item(), rel=1e-6)
+    aux["shared"] = torch.roll(private, 1, dims=-1) + 0.0  # shared orthogonal to private: only the JSD is left
+    sig = torch.sigmoid(aux["shared"])
+    jsd = sum(jensen_shannon(sig[i], sig[j], ones) for i in range(3) for j in range(i + 1, 3))
+    assert disentangle_loss(aux).item() == pytest.approx(jsd.item(), rel=1e-6)
+
+
+def test_regression_anti_label_targets_random_sentiment() -> None:
+    """Regression anti-label loss: MSE to fresh noise clamp(1.5 N(0,1), -3, 3) per call. With private outputs 0
+    it is sum over 3 modalities of E[noise^2] ~ 3 * 1.96, and two calls differ."""
+    n = 4000
+    batch = ComPBatch({}, torch.ones(1, n, 3, dtype=torch.bool), torch.ones(1, n, dtype=torch.bool),
+                      torch.zeros(1, n))
+    priv = torch.zeros(3, n, 1)
+    torch.manual_seed(0)
+    z = torch.randn(400_000)
+    expected = 3 * float(((1.5 * z).clamp(-3, 3) ** 2).mean())
+    first, second = anti_label_loss(priv, batch, "regression").item(), anti_label_loss(priv, batch, "regression").item()
+    assert first == pytest.approx(expected, rel=0.05) and second == pytest.approx(expected, rel=0.05)
+    assert first != second

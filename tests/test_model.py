@@ -286,3 +286,106 @@ def test_every_single_quirk_flip_trains(variant: str, flag: str) -> None:
         gm.apply(out, batch)
         assert torch.isfinite(loss)
         assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+# ------------------------------------------------------------------------------------- masking by presence
+
+def _drop_utterance(batch: ComPBatch, conv: int, pos: int) -> ComPBatch:
+    """Conversation `conv` alone with utterance `pos` removed (later ones move up)."""
+    n = int(batch.valid[conv].sum())
+    keep = [i for i in range(n) if i != pos]
+    return ComPBatch({u: f[conv:conv + 1, keep] for u, f in batch.features.items()}, batch.present[conv:conv + 1, keep],
+                     batch.valid[conv:conv + 1, keep], batch.targets[conv:conv + 1, keep])
+
+
+@pytest.mark.parametrize("variant", ["clean", "faithful"])
+def test_an_absent_modality_is_not_attended_to(variant: str) -> None:
+    """Stage 1 (attention only): an utterance whose audio is absent takes no part in the others' audio stream,
+    so removing it from the conversation leaves every other utterance's audio head unchanged, while removing a
+    present one changes them (the absent row is a zero input, but its key would still be a learned vector)."""
+    model = build(variant)
+    model.eval()
+    batch = select(make_batch([6], seed=11), 0)
+    batch.present[0, :, 0] = True
+    batch.present[0, 2, 0] = False
+    batch.features["audio"][0, 2] = 0.0
+    with torch.no_grad():
+        full = model(batch, 1).head_logits["audio"][0]
+        without_absent = model(_drop_utterance(batch, 0, 2), 1).head_logits["audio"][0]
+        without_present = model(_drop_utterance(batch, 0, 3), 1).head_logits["audio"][0]
+    others = [0, 1, 3, 4, 5]
+    assert torch.allclose(full[others], without_absent, atol=1e-5)
+    assert (full[[0, 1, 2, 4, 5]] - without_present).abs().max() > 1e-4
+
+
+def test_clean_utterance_with_nothing_present_leaves_the_others_alone() -> None:
+    """Clean stage 2, eval: appending an utterance with every modality absent changes no other prediction."""
+    model = build("clean")
+    _warm_bank(model)
+    batch = select(make_batch([5], seed=12), 0)
+    longer = pad_batch(batch, 6)
+    longer.valid[0, 5] = True
+    longer.targets[0, 5] = 0
+    with torch.no_grad():
+        a, b = model(batch, 2), model(longer, 2)
+    assert torch.allclose(a.logits[0], b.logits[0, :5], atol=1e-5)
+
+
+def _prompts(model: ComP, batch: ComPBatch, stage: int = 2) -> list[torch.Tensor]:
+    """The outputs [3,N,p] of both prompt-generation blocks in one forward pass."""
+    seen: list[torch.Tensor] = []
+    hooks = [pg.register_forward_hook(lambda mod, inp, out: seen.append(out)) for pg in (model.pg1, model.pg2)]
+    try:
+        with torch.no_grad():
+            model(batch, stage)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def test_clean_prompts_of_absent_modalities_are_zero() -> None:
+    """Clean (prompt_mask): an absent modality sends no prompt to the others, in both PG blocks and both modes;
+    present modalities do send one."""
+    model = build("clean")
+    _warm_bank(model)
+    batch = make_batch([6, 4, 7], seed=13)
+    present = (batch.present & batch.valid[..., None])[batch.valid].t()  # [3,N] packed like the prompts
+    assert (~present).any() and present.any()
+    for train in (False, True):
+        model.train(train)
+        for prompts in _prompts(model, batch):
+            assert torch.all(prompts[~present] == 0)
+            assert prompts[present].abs().sum(-1).min() > 0
+
+
+def test_clean_prototypes_learn_from_present_instances_only() -> None:
+    """Clean, training: a conversation whose audio is absent throughout does not move the audio prototype bank
+    (its absent rows are all the same zero-input vector and must not become prototypes), while it does move
+    the text bank, where it is present."""
+    def bank_after(batch: ComPBatch) -> torch.Tensor:
+        model = build("clean")
+        model.train()
+        with torch.no_grad():
+            model(batch, 2)
+        return model.prototypes.bank.clone()
+
+    base = make_batch([5, 6], seed=14)
+    extra = make_batch([5, 6, 4], seed=14)
+    extra.present[2, :, 0] = False
+    extra.present[2, :4, 1] = True
+    extra.features["audio"][2] = 0.0
+    for u in MODALITY_ORDER:
+        extra.features[u][:2], extra.present[:2] = base.features[u][:, :6], base.present[:, :6]
+    a, b = bank_after(base), bank_after(extra)
+    assert torch.allclose(a[0], b[0], atol=1e-6)
+    assert (a[1] - b[1]).abs().max() > 1e-4
+
+
+def test_variant_defaults_follow_the_documented_table() -> None:
+    """The switch values of both variants as docs/model.md §9 lists them."""
+    faithful, clean = ModelConfig(variant="faithful").resolved, ModelConfig(variant="clean").resolved
+    assert faithful.fuse_absent and clean.fuse_absent
+    assert (faithful.prompt_mask, clean.prompt_mask) == (False, True)
+    assert (faithful.raw_features, faithful.zero_vectors_present, faithful.fp32) == (True, True, True)
+    assert (clean.raw_features, clean.zero_vectors_present, clean.fp32) == (False, False, False)
