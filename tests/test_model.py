@@ -149,7 +149,7 @@ def test_faithful_pad_row_equals_explicit_padding() -> None:
     batch = make_batch([5, 3], seed=3)
     with torch.no_grad():
         present = batch.present & batch.valid[..., None]
-        proj = model._encode(batch, present[batch.valid], pad_row=True)
+        proj = model._encode(batch, present[batch.valid], pad_rows=1)
         layout = Layout.from_valid(batch.valid, present.permute(2, 0, 1))
         grid = model._time_grid(model.shared_enc(proj), layout)
         explicit = []
@@ -158,6 +158,39 @@ def test_faithful_pad_row_equals_explicit_padding() -> None:
             explicit.append(model.in_proj[u](x))
         expected = model.shared_enc(torch.stack(explicit))
     assert torch.allclose(grid, expected, atol=1e-6)
+
+
+def test_faithful_padding_slots_draw_their_own_dropout_in_training() -> None:
+    """Faithful, training with dropout: each fixed-length padding slot gets its own dropout draw, as in the
+    released code (so the time-axis prototypes see max_len - L different padding vectors, not one)."""
+    model = build("faithful", drop=0.5)
+    model.train()
+    batch = make_batch([5, 3], seed=3)
+    grids = []
+    hook = model.prototypes.register_forward_hook(lambda mod, inp, out: grids.append(inp[0]))
+    try:
+        with torch.no_grad():
+            model(batch, 2)
+    finally:
+        hook.remove()
+    pads = grids[0][:, 1, 3:]  # [3, max_len - 3, D]: conversation 1's padding slots
+    assert pads.shape[1] == 12 - 3
+    assert not torch.allclose(pads[:, 0], pads[:, 1])
+    # with every dropout probability at 0 the per-slot rows are identical: the same outputs and losses as the
+    # one-row path of eval mode
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Dropout):
+            mod.p = 0.0
+    for stage in (1, 2):
+        with torch.no_grad():
+            slots = model(batch, stage)
+            loss_slots, _ = comp_loss(slots, batch, model.cfg, "classification", stage)
+            model.eval()
+            one = model(batch, stage)
+            loss_one, _ = comp_loss(one, batch, model.cfg, "classification", stage)
+            model.train()
+        assert torch.allclose(slots.logits, one.logits, atol=1e-5)
+        assert loss_slots.item() == pytest.approx(loss_one.item(), rel=1e-5)
 
 
 def test_attention_ignores_masked_keys_and_zeroes_keyless_queries() -> None:
