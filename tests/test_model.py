@@ -260,6 +260,7 @@ def _signal_batch(gen: torch.Generator, task: str, n_conv: int = 6, length: int 
     return batch
 
 
+@pytest.mark.learning
 @pytest.mark.parametrize("variant,task", [("clean", "classification"), ("faithful", "classification"),
                                           ("clean", "regression")])
 def test_tiny_model_learns_label_encoded_in_features(variant: str, task: str) -> None:
