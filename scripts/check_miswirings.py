@@ -7,6 +7,7 @@ golden suites run with `-x`. The script prints one line per miswiring and exits 
 
     python scripts/check_miswirings.py            # all of them (a few minutes on 2 cores)
     python scripts/check_miswirings.py 3 9        # only these (1-based)
+    python scripts/check_miswirings.py --quick    # only the tests written for each one (about a minute)
     python scripts/check_miswirings.py --list
 """
 
@@ -35,37 +36,49 @@ class Miswiring:
     path: str
     old: str
     new: str
+    caught_by: tuple[str, ...] = ()  # the tests written for it (`--quick` runs only these)
 
 
 MISWIRINGS = (
     Miswiring("the two back-projected prompt halves swapped in the momentum mix", "comp/model.py",
               "mixed = lam * back + (1 - lam) * cross_prompts(prompts2)",
               "mixed = lam * torch.cat((back[..., self.cfg.prompt_dim:], back[..., :self.cfg.prompt_dim]), -1)"
-              " + (1 - lam) * cross_prompts(prompts2)"),
+              " + (1 - lam) * cross_prompts(prompts2)", ("tests/test_golden.py",)),
     Miswiring("stage-1 private branch fed the text private code instead of audio's", "comp/model.py",
-              "priv = priv[:1].expand(N_MOD, -1, -1)", "priv = priv[1:2].expand(N_MOD, -1, -1)"),
+              "priv = priv[:1].expand(N_MOD, -1, -1)", "priv = priv[1:2].expand(N_MOD, -1, -1)", ("tests/test_golden.py",)),
     Miswiring("the gradient modulator's call removed from the training loop", "comp/train.py",
-              "                modulator.apply(out, batch)\n", "                pass\n"),
+              "                modulator.apply(out, batch)\n", "                pass\n",
+              ("tests/test_train.py::test_gradient_modulator_acts_in_the_training_loop",)),
     Miswiring("faithful's fuse-absent-modalities default flipped", "comp/config.py",
-              "fuse_absent=True, unused_params=True", "fuse_absent=False, unused_params=True"),
+              "fuse_absent=True, unused_params=True", "fuse_absent=False, unused_params=True",
+              ("tests/test_golden.py", "tests/test_model.py::test_variant_defaults_follow_the_documented_table")),
     Miswiring("disentangling loss on private codes only (no shared vs private terms)", "comp/losses.py",
               "abs_cosine(private[i], shared[i], real) \\\n                + abs_cosine(private[j], shared[j], real)",
-              "abs_cosine(private[i], private[j], real) \\\n                + abs_cosine(private[j], private[i], real)"),
+              "abs_cosine(private[i], private[j], real) \\\n                + abs_cosine(private[j], private[i], real)",
+              ("tests/test_losses.py::test_disentangling_separates_shared_from_private_not_only_private_pairs",
+               "tests/test_golden.py")),
     Miswiring("clean prompts no longer zeroed for absent modalities", "comp/prompts.py",
               "        if present is not None:\n            prompt = prompt *",
-              "        if False:\n            prompt = prompt *"),
+              "        if False:\n            prompt = prompt *",
+              ("tests/test_model.py::test_clean_prompts_of_absent_modalities_are_zero",)),
     Miswiring("clean prototypes built from absent instances too", "comp/model.py",
               "member = present_rows if q.prompt_mask else torch.ones_like(present_rows)",
-              "member = torch.ones_like(present_rows)"),
+              "member = torch.ones_like(present_rows)",
+              ("tests/test_model.py::test_clean_prototypes_learn_from_present_instances_only",)),
     Miswiring("regression anti-label noise set to zero", "comp/losses.py",
-              "ANTI_LABEL_SCALE = 1.5", "ANTI_LABEL_SCALE = 0.0"),
+              "ANTI_LABEL_SCALE = 1.5", "ANTI_LABEL_SCALE = 0.0",
+              ("tests/test_losses.py::test_regression_anti_label_targets_random_sentiment",)),
     Miswiring("feature normaliser fitted on train + val + test", "comp/train.py",
-              "normalizer = Normalizer.fit(train_c)", "normalizer = Normalizer.fit(list(conversations))"),
+              "normalizer = Normalizer.fit(train_c)", "normalizer = Normalizer.fit(list(conversations))",
+              ("tests/test_train.py::test_normalizer_is_fitted_on_training_conversations_only",)),
     Miswiring("faithful test batches left unmasked", "comp/train.py",
-              "batches = (mask_batch(item, cond, rng)[0]", "batches = (item"),
+              "batches = (mask_batch(item, cond, rng)[0]", "batches = (item",
+              ("tests/test_train.py::test_faithful_test_batches_are_masked_afresh_every_epoch",)),
     Miswiring("attention keys masked by padding only, not by presence", "comp/model.py",
               "layout = Layout.from_valid(valid, present.permute(2, 0, 1))",
-              "layout = Layout.from_valid(valid, valid[None].expand(N_MOD, -1, -1))"),
+              "layout = Layout.from_valid(valid, valid[None].expand(N_MOD, -1, -1))",
+              ("tests/test_model.py::test_an_absent_modality_is_not_attended_to",
+               "tests/test_model.py::test_clean_utterance_with_nothing_present_leaves_the_others_alone")),
 )
 
 
@@ -87,7 +100,7 @@ def _apply(dest: Path, m: Miswiring) -> None:
     path.write_text(text.replace(m.old, m.new), encoding="utf-8")
 
 
-def run(m: Miswiring | None) -> tuple[bool, str, float]:
+def run(m: Miswiring | None, tests: tuple[str, ...] = SUITES) -> tuple[bool, str, float]:
     """(tests failed, last line of pytest's output, seconds) with `m` applied (None: unmodified)."""
     with tempfile.TemporaryDirectory(prefix="miswiring-") as tmp:
         dest = Path(tmp)
@@ -96,7 +109,7 @@ def run(m: Miswiring | None) -> tuple[bool, str, float]:
             _apply(dest, m)
         env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *SUITES],
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
                               cwd=dest, env=env, capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
         return proc.returncode != 0, (lines[-1] if lines else proc.stderr.strip()[-200:]), time.perf_counter() - t0
@@ -107,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("which", nargs="*", type=int, help="1-based numbers of the miswirings to apply (default: all)")
     p.add_argument("--list", action="store_true", help="list the miswirings and exit")
     p.add_argument("--baseline", action="store_true", help="first check that the unmodified copy passes")
+    p.add_argument("--quick", action="store_true",
+                   help="run only the tests written for each miswiring (seconds each) instead of the whole suites")
     args = p.parse_args(argv)
     if args.list:
         for i, m in enumerate(MISWIRINGS, 1):
@@ -121,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     survivors = []
     for i in chosen:
         m = MISWIRINGS[i - 1]
-        failed, last, secs = run(m)
+        failed, last, secs = run(m, m.caught_by if args.quick else SUITES)
         print(f"{i:2d}. {m.what}: {'caught' if failed else 'SURVIVED'} ({last}, {secs:.0f}s)", flush=True)
         if not failed:
             survivors.append(i)
