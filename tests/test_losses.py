@@ -32,8 +32,8 @@ def test_regression_task_loss_is_mse_on_valid_rows() -> None:
     pred = torch.tensor([[[0.0], [0.0], [3.0]]])
     assert task_loss(pred, batch, "regression").item() == pytest.approx((1 + 4) / 2)
     assert masked_mse(pred[..., 0], batch.targets, batch.valid).item() == pytest.approx(2.5)
-    pred = torch.tensor([[[2.0], [1.0], [3.0]]])  # errors 1 and 3 (a sum instead of a difference: 9 and 1)
-    assert task_loss(pred, batch, "regression").item() == pytest.approx((1 + 9) / 2)
+    pred = torch.tensor([[[3.0], [1.0], [3.0]]])  # errors 2 and 3 (a sum instead of a difference: 4 and -1)
+    assert task_loss(pred, batch, "regression").item() == pytest.approx((4 + 9) / 2)
 
 
 def test_abs_cosine_is_weighted_mean_of_absolute_cosines() -> None:

@@ -423,3 +423,32 @@ def test_variant_defaults_follow_the_documented_table() -> None:
     assert (faithful.prompt_mask, clean.prompt_mask) == (False, True)
     assert (faithful.raw_features, faithful.zero_vectors_present, faithful.fp32) == (True, True, True)
     assert (clean.raw_features, clean.zero_vectors_present, clean.fp32) == (False, False, False)
+
+
+def test_clean_prototypes_pool_each_prototype_over_the_instances() -> None:
+    """Clean prototypes: each prototype is a convex combination of the present instances (softmax over
+    instances), so identical instances v give every prototype exactly v before the mixing layer."""
+    from comp.prompts import InstancePrototypes
+
+    torch.manual_seed(0)
+    protos = InstancePrototypes(1, 4, 3, drop=0.0, ema=0.5)
+    with torch.no_grad():
+        protos.mix.weight.copy_(torch.eye(3)[None])
+        protos.mix.bias.zero_()
+    v = torch.tensor([0.5, -1.0, 2.0, 0.25])
+    z = v.expand(1, 7, 4).clone()
+    member = torch.ones(1, 7, dtype=torch.bool)
+    member[0, 5:] = False
+    out, logits = protos.train()(z, member)
+    assert logits.shape == (1, 7, 3)
+    assert torch.allclose(out[0], torch.nn.functional.gelu(v).expand(3, 4), atol=1e-6)
+
+
+def test_clean_prompt_has_the_outer_mlp_and_trains_it() -> None:
+    """Clean (outer_prompt_mlp, paper eq. 8): both PG blocks end in MLP_p, which gets gradients in stage 2;
+    faithful has none."""
+    clean, faithful = build("clean"), build("faithful")
+    assert not any(".proj_out." in n for n, _ in faithful.named_parameters())
+    trained = _grad_modules(clean, 2)
+    for pg in ("pg1", "pg2"):
+        assert any(n.startswith(f"{pg}.proj_out.") for n in trained)
