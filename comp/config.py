@@ -34,15 +34,22 @@ class Quirks:
     # §5.2: L_rec rebuilds the undetached projected embedding over every slot (missing and padded ones too);
     # off: rebuild the input features of present utterances only, scale-free (relative MSE)
     projected_reconstruction: bool | None = None
+    # The data path around the model (§9.17-9.19): what reaches the network, and in which precision
+    raw_features: bool | None = None  # §9.17: features fed as stored, no per-dimension standardisation
+    zero_vectors_present: bool | None = None  # §9.18: all-zero source vectors fed as present (zero) inputs
+    fp32: bool | None = None  # §9.19: full precision on CUDA too (no bf16/fp16 autocast)
+    nonzero_mae_corr: bool | None = None  # §9.20: regression MAE/Corr on the y != 0 utterances only
 
     FAITHFUL = dict(gradient_modulator=False, modulator_error="class_index", prompt_mask=False,
                     batch_prototypes=True, outer_prompt_mlp=False, stage1_reconstruction=False,
                     disentangle=True, private_a_for_all=True, double_unimodal_loss=True, test_selection=True,
-                    fuse_absent=True, unused_params=True, projected_reconstruction=True)
+                    fuse_absent=True, unused_params=True, projected_reconstruction=True,
+                    raw_features=True, zero_vectors_present=True, fp32=True, nonzero_mae_corr=True)
     CLEAN = dict(gradient_modulator=True, modulator_error="true_class_prob", prompt_mask=True,
                  batch_prototypes=False, outer_prompt_mlp=True, stage1_reconstruction=True,
                  disentangle=False, private_a_for_all=False, double_unimodal_loss=False, test_selection=False,
-                 fuse_absent=True, unused_params=False, projected_reconstruction=False)
+                 fuse_absent=True, unused_params=False, projected_reconstruction=False,
+                 raw_features=False, zero_vectors_present=False, fp32=False, nonzero_mae_corr=False)
 
     def resolve(self, variant: str) -> "Quirks":
         """All switches set: explicit values win, the rest come from the variant."""
@@ -108,7 +115,7 @@ class TrainConfig:
     val_fraction: float = 0.15  # of training conversations held out for selection when the store has no val
     test_fraction: float = 0.2  # of conversations, only when the store has neither splits nor folds
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: bool = True  # mixed precision on CUDA (ignored on CPU)
+    amp: bool = True  # mixed precision on CUDA (ignored on CPU, and where model.quirks.fp32 is on)
     amp_dtype: Literal["bf16", "fp16"] = "bf16"  # fp16 adds a GradScaler; bf16 needs none
     deterministic: bool = True  # deterministic kernels (bit-identical reruns on CPU); TF32 off on CUDA
     selection_metric: str = ""  # metric that picks the epoch; "" = the task's primary metric (comp.metrics)

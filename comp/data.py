@@ -35,7 +35,7 @@ import torch
 
 from comp.batch import ComPBatch
 from comp.config import MODALITY_ORDER, TrainConfig
-from pipeline.store import StoreData
+from pipeline.store import ZERO_VECTOR_REASON, StoreData
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +94,13 @@ def encode_targets(data: StoreData) -> tuple[np.ndarray, np.ndarray]:
     return np.where(labelled, values, np.float32(0)).astype(np.float32), labelled
 
 
-def build_conversations(data: StoreData) -> list[Conversation]:
-    """Group the store's usable rows by conversation (sorted by id), utterances by (position, clip id)."""
+def build_conversations(data: StoreData, *, zero_vectors_present: bool = False) -> list[Conversation]:
+    """Group the store's usable rows by conversation (sorted by id), utterances by (position, clip id).
+
+    `zero_vectors_present` (docs/model.md §9.18, the released code's data path): a modality the store records
+    absent because its source held an all-zero vector is fed as present, with its zero features, so simulated
+    masks treat it like any other present input. Other absences stay absent.
+    """
     n_error = int(np.count_nonzero(data.status != "ok"))
     if n_error:
         log.info("leaving out %d clip(s) that could not be decoded (status error)", n_error)
@@ -107,6 +112,13 @@ def build_conversations(data: StoreData) -> list[Conversation]:
     order = np.lexsort((data.ids.astype(str), data.position, conv))
     conv = conv[order]
     present = np.stack([data.present[m] for m in MODALITY_ORDER], axis=1)[order]
+    if zero_vectors_present:
+        zero = np.stack([np.asarray(data.reason[m]).astype(str) == ZERO_VECTOR_REASON for m in MODALITY_ORDER],
+                        axis=1)[order]
+        if zero.any():
+            log.info("feeding %d all-zero source vector(s) as present inputs (zero_vectors_present)",
+                     int(zero.sum()))
+        present = present | zero
     # zeros where absent, whatever the store holds there (the contract says never read them without `present`)
     feats = {m: np.where(present[:, i:i + 1], data.features[m][order], np.float32(0))
              for i, m in enumerate(MODALITY_ORDER)}
@@ -142,10 +154,19 @@ def select(conversations: Sequence[Conversation], ids: Sequence[str]) -> list[Co
 
 @dataclass(frozen=True, eq=False)
 class Normalizer:
-    """Per-dimension standardisation fitted on present training rows; absent rows stay exactly zero."""
+    """Per-dimension standardisation fitted on present training rows; absent rows stay exactly zero.
+
+    Fit it on the training conversations only: statistics of validation or test rows would leak into
+    training. `identity` keeps the raw features (the released code's data path)."""
 
     mean: Mapping[str, np.ndarray]
     std: Mapping[str, np.ndarray]
+
+    @classmethod
+    def identity(cls, dims: Mapping[str, int]) -> "Normalizer":
+        """No scaling (mean 0, std 1): features reach the model as stored (docs/model.md §9.17)."""
+        return cls({m: np.zeros(dims[m], np.float32) for m in MODALITY_ORDER},
+                   {m: np.ones(dims[m], np.float32) for m in MODALITY_ORDER})
 
     @classmethod
     def fit(cls, conversations: Sequence[Conversation]) -> "Normalizer":

@@ -3,11 +3,12 @@
 Classification: ``acc`` (overall accuracy, the papers' "ACC"/"WA"), ``ua`` (unweighted accuracy = mean recall over
 the classes present in the truth), ``wf1`` (support-weighted F1). The confusion matrix is separate (`confusion`).
 
-Regression (sentiment in [-3, 3]): ``mae`` and ``corr`` (Pearson r) on all labelled utterances (the released
-code computes them on the non-zero subset only; the field's usual convention is all utterances);
-``acc2_non0``/``f1_non0``: positive vs negative on utterances with y != 0, predictions thresholded at 0 - the
-numbers the papers report; ``acc2_has0``/``f1_has0``: every utterance, zeros counted as negative (y > 0 vs
-y <= 0). F1 is support-weighted, as in the released code.
+Regression (sentiment in [-3, 3]): ``mae`` and ``corr`` (Pearson r) on all labelled utterances, as MMSA does
+(`errors_on="all"`, the clean variant), or on the utterances with y != 0 only, as the released ComP code does
+(`errors_on="non0"`, the faithful variant, switch `nonzero_mae_corr`); ``acc2_non0``/``f1_non0``: positive vs
+negative on utterances with y != 0, predictions thresholded at 0 (y > 0 vs p > 0) - the numbers the papers
+report; ``acc2_has0``/``f1_has0``: every utterance, with the MMSA convention that zero counts as positive
+(y >= 0 vs p >= 0). F1 is support-weighted, as in the released code and MMSA.
 
 Model selection (`primary_metric`): the paper selects IEMOCAP on ACC and CMU on weighted F1 (non-zero). The clean
 variant selects classification on ``wf1`` instead of ``acc``: on the user's own, usually imbalanced, clips a
@@ -68,8 +69,13 @@ def predictions(task: str, y_pred_or_logits: np.ndarray) -> np.ndarray:
 
 
 def score(task: str, y_true: np.ndarray, y_pred_or_logits: np.ndarray,
-          label_names: Sequence[str] = ()) -> dict[str, float]:
-    """Every metric of `task` by name. Rows without a label (class < 0, value NaN) are left out."""
+          label_names: Sequence[str] = (), *, errors_on: str = "all") -> dict[str, float]:
+    """Every metric of `task` by name. Rows without a label (class < 0, value NaN) are left out.
+
+    `errors_on` (regression): "all" computes MAE and Corr on every labelled utterance, "non0" on those with
+    y != 0 (the released code's subset)."""
+    if errors_on not in ("all", "non0"):
+        raise ValueError(f"errors_on must be 'all' or 'non0', got {errors_on!r}")
     metric_names(task)
     y_true = np.asarray(y_true)
     y_pred = predictions(task, y_pred_or_logits)
@@ -79,7 +85,7 @@ def score(task: str, y_true: np.ndarray, y_pred_or_logits: np.ndarray,
         keep = y_true >= 0
         return _classification(y_true[keep].astype(np.int64), y_pred[keep])
     keep = np.isfinite(y_true.astype(np.float64))
-    return _regression(y_true[keep].astype(np.float64), y_pred[keep])
+    return _regression(y_true[keep].astype(np.float64), y_pred[keep], errors_on)
 
 
 def _classification(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
@@ -112,11 +118,12 @@ def _binary(truth: np.ndarray, guess: np.ndarray) -> tuple[float, float]:
                                                                      zero_division=0))
 
 
-def _regression(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
-    out = {"mae": float(np.mean(np.abs(y - p))) if len(y) else math.nan, "corr": pearson(y, p)}
+def _regression(y: np.ndarray, p: np.ndarray, errors_on: str = "all") -> dict[str, float]:
     non0 = y != 0
+    ye, pe = (y[non0], p[non0]) if errors_on == "non0" else (y, p)
+    out = {"mae": float(np.mean(np.abs(ye - pe))) if len(ye) else math.nan, "corr": pearson(ye, pe)}
     out["acc2_non0"], out["f1_non0"] = _binary(y[non0] > 0, p[non0] > 0)
-    out["acc2_has0"], out["f1_has0"] = _binary(y > 0, p > 0)
+    out["acc2_has0"], out["f1_has0"] = _binary(y >= 0, p >= 0)  # MMSA: zero is on the positive side
     return out
 
 

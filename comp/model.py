@@ -5,9 +5,9 @@ in `cfg.resolved` (docs/model.md §9). Modality streams are stacked on a leading
 `MODALITY_ORDER` and every modality-specific layer runs them as one batched matmul.
 
 Streams are packed to real utterances [3,N,D]; only attention sees the padded grid (`Layout`). The faithful
-variant's fixed-length padding (max_len slots for the time-axis prototype MLP) is represented by one shared
-pad row per batch instead of B*max_len - N copies: exact in eval mode; in training the padding slots share one
-dropout draw where the released code draws one per slot (their only difference).
+variant's fixed-length padding (max_len slots for the time-axis prototype MLP) is one shared pad row per batch
+where every slot sees the same values (eval mode, no dropout), and one row per slot in training with dropout,
+where the released code draws a dropout mask for each slot.
 
 Stage 1 trains the per-modality encoders, attention blocks and heads; stage 2 adds prompts, knowledge
 propagation and the coordinator. `ComPOutput.aux` carries what `comp.losses` and `comp.modulator` need.
@@ -93,17 +93,18 @@ class ComP(nn.Module):
                              "the faithful time-axis prototype MLP has a fixed size: raise model.max_len "
                              "(and retrain) or split long conversations")
 
-    def _encode(self, batch: ComPBatch, present: torch.Tensor, pad_row: bool) -> torch.Tensor:
-        """Projected inputs [3,N(+1),D] of the real utterances; absent rows are zeroed first (eq. 1).
+    def _encode(self, batch: ComPBatch, present: torch.Tensor, pad_rows: int) -> torch.Tensor:
+        """Projected inputs [3,N+pad_rows,D] of the real utterances; absent rows are zeroed first (eq. 1).
 
-        With `pad_row`, one all-zero row is appended: it stands for every fixed-length padding slot of the
-        released code (all of them see the same zero input), so padding costs one row, not B*max_len - N.
+        `pad_rows` all-zero rows are appended for the released code's fixed-length padding slots: one row
+        standing for all of them where they are identical (eval mode, or no dropout), else one per slot so
+        that each slot gets its own dropout draw, as in the released code.
         """
         outs = []
         for i, u in enumerate(MODALITY_ORDER):
             x = batch.features[u][batch.valid] * present[:, i : i + 1].to(batch.features[u].dtype)
-            if pad_row:
-                x = F.pad(x, (0, 0, 0, 1))
+            if pad_rows:
+                x = F.pad(x, (0, 0, 0, pad_rows))
             outs.append(self.in_drop(self.in_proj[u](x)))
         return torch.stack(outs)
 
@@ -123,7 +124,11 @@ class ComP(nn.Module):
         n_rows = int(layout.index.numel())
 
         fixed_len = q.batch_prototypes  # the released code pads every conversation to max_len slots
-        proj = self._encode(batch, present[valid], pad_row=fixed_len)
+        n_slots = b * self.cfg.max_len - n_rows  # padding slots of the released fixed-length grid
+        # one shared pad row is exact unless dropout draws differ per slot (training with dropout)
+        per_slot = fixed_len and self.training and self.cfg.drop_rate > 0
+        pad_rows = (n_slots if per_slot else 1) if fixed_len else 0
+        proj = self._encode(batch, present[valid], pad_rows=pad_rows)
         shared = self.shared_enc(proj)
         private = self.private_enc(proj) if self.private_enc is not None else None
         z = shared[:, :n_rows]
@@ -134,8 +139,9 @@ class ComP(nn.Module):
         real = proj.new_ones(proj.shape[1])
         slots = real.clone()
         if fixed_len:
-            real[-1] = 0.0
-            slots[-1] = float(b * self.cfg.max_len - n_rows)
+            real[n_rows:] = 0.0
+            if pad_rows == 1:
+                slots[-1] = float(n_slots)
         if private is not None:
             aux.update(shared=shared, private=private, dis_real=real, dis_rows=slots)
         if stage == 2 or q.stage1_reconstruction:
@@ -219,7 +225,11 @@ class ComP(nn.Module):
         real = shared.new_zeros(N_MOD, b * s, shared.shape[-1]).index_copy(1, pos, shared[:, :n_rows])
         is_real = torch.zeros(b * s, dtype=torch.bool, device=shared.device)
         is_real[pos] = True
-        grid = torch.where(is_real[None, :, None], real, shared[:, n_rows:n_rows + 1])
+        pads = shared[:, n_rows:]  # one row for every slot, or one per slot in slot order
+        if pads.shape[1] == 1:
+            grid = torch.where(is_real[None, :, None], real, pads)
+        else:
+            grid = real.index_copy(1, (~is_real).nonzero().squeeze(1), pads)
         return grid.view(N_MOD, b, s, -1)
 
     def _slot_mask(self, layout: Layout) -> torch.Tensor:

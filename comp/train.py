@@ -99,17 +99,19 @@ class EvalResult:
         return {m: float(w) for m, w in zip(MODALITY_ORDER, self.weight_sum / self.weight_count)}
 
 
-def _score(result: EvalResult, task: str, label_names: Sequence[str]) -> EvalResult:
+def _score(result: EvalResult, task: str, label_names: Sequence[str], errors_on: str = "all") -> EvalResult:
     from comp.metrics import score
     from comp.selection import fused_loss
 
-    result.metrics = score(task, result.y_true, result.logits, label_names)
+    result.metrics = score(task, result.y_true, result.logits, label_names, errors_on=errors_on)
     result.loss = fused_loss(task, result.y_true, result.logits)
-    result.heads = {m: score(task, result.y_true, result.head_logits[m], label_names) for m in MODALITY_ORDER}
+    result.heads = {m: score(task, result.y_true, result.head_logits[m], label_names, errors_on=errors_on)
+                    for m in MODALITY_ORDER}
     return result
 
 
-def pool_results(results: Sequence[EvalResult], task: str, label_names: Sequence[str]) -> EvalResult:
+def pool_results(results: Sequence[EvalResult], task: str, label_names: Sequence[str],
+                 errors_on: str = "all") -> EvalResult:
     """One result over the union of several passes (fixed conditions pooled)."""
     sums = [r.weight_sum for r in results if r.weight_sum is not None]
     pooled = EvalResult(
@@ -118,12 +120,14 @@ def pool_results(results: Sequence[EvalResult], task: str, label_names: Sequence
         head_logits={m: np.concatenate([r.head_logits[m] for r in results]) for m in MODALITY_ORDER},
         weight_sum=np.sum(sums, axis=0) if sums else None,
         weight_count=sum(r.weight_count for r in results if r.weight_sum is not None))
-    return _score(pooled, task, label_names)
+    return _score(pooled, task, label_names, errors_on)
 
 
 def evaluate(model: torch.nn.Module, batches, *, stage: int, task: str, label_names: Sequence[str],
-             device: torch.device, autocast: Callable[[], contextlib.AbstractContextManager]) -> EvalResult:
-    """Predict every batch (eval mode, no autograd) and score the labelled utterances."""
+             device: torch.device, autocast: Callable[[], contextlib.AbstractContextManager],
+             errors_on: str = "all") -> EvalResult:
+    """Predict every batch (eval mode, no autograd) and score the labelled utterances (`errors_on`: see
+    comp.metrics.score)."""
     model.eval()
     ys, fused, weight_sum, weight_count = [], [], None, 0
     heads: dict[str, list[np.ndarray]] = {m: [] for m in MODALITY_ORDER}
@@ -149,7 +153,7 @@ def evaluate(model: torch.nn.Module, batches, *, stage: int, task: str, label_na
         logits=np.concatenate(fused) if fused else empty,
         head_logits={m: np.concatenate(v) if v else empty for m, v in heads.items()},
         weight_sum=weight_sum, weight_count=weight_count)
-    return _score(result, task, label_names)
+    return _score(result, task, label_names, errors_on)
 
 
 # ------------------------------------------------------------------------------------------ missingness
@@ -227,8 +231,9 @@ def run_name(fold: str, seed: int) -> str:
 
 
 def _autocast_factory(device: torch.device, cfg: TrainConfig) -> tuple[Callable[[], Any], Any]:
-    """(autocast context factory, GradScaler or None): AMP on CUDA only; fp16 needs loss scaling."""
-    if device.type != "cuda" or not cfg.amp:
+    """(autocast context factory, GradScaler or None): AMP on CUDA only, never with the fp32 quirk (§9.19,
+    the released code runs in full precision); fp16 needs loss scaling."""
+    if device.type != "cuda" or not cfg.amp or cfg.model.resolved.fp32:
         return contextlib.nullcontext, None
     dtype = torch.bfloat16 if cfg.amp_dtype == "bf16" else torch.float16
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
@@ -267,10 +272,14 @@ def fit_run(conversations: Sequence[Any], plan: Any, cfg: TrainConfig, seed: int
     paper = bool(q.test_selection)
     missing = Missingness(parse_missing(cfg.missing))
     metric = _selection_metric(cfg, task)
+    errors_on = "non0" if q.nonzero_mae_corr else "all"  # §9.20: where regression MAE/Corr are computed
     label = f"fold {plan.name} seed {seed}"
 
     train_c = select(conversations, plan.train)
-    normalizer = Normalizer.fit(train_c)
+    if q.raw_features:  # §9.17: the released code feeds the features as stored
+        normalizer = Normalizer.identity({m: int(train_c[0].features[m].shape[1]) for m in MODALITY_ORDER})
+    else:
+        normalizer = Normalizer.fit(train_c)
     train_packed = pack(normalizer.apply(train_c))
     val_c = normalizer.apply(select(conversations, plan.val)) if plan.val else []
     test_c = normalizer.apply(select(conversations, plan.test))
@@ -322,9 +331,9 @@ def fit_run(conversations: Sequence[Any], plan: Any, cfg: TrainConfig, seed: int
             else:
                 batches = iterate_batches(val_sets[cond.label], cfg.batch_size, shuffle=False)
             results[cond.label] = evaluate(model, batches, stage=stage, task=task, label_names=label_names,
-                                           device=device, autocast=autocast)
+                                           device=device, autocast=autocast, errors_on=errors_on)
         if len(missing.conditions) > 1:
-            results["pooled"] = pool_results(list(results.values()), task, label_names)
+            results["pooled"] = pool_results(list(results.values()), task, label_names, errors_on)
         return results
 
     n_batches = math.ceil(len(train_packed) / cfg.batch_size)
@@ -446,9 +455,9 @@ def fit_run(conversations: Sequence[Any], plan: Any, cfg: TrainConfig, seed: int
         for cond in missing.conditions:
             tests[cond.label] = evaluate(model, iterate_batches(test_sets[cond.label], cfg.batch_size, shuffle=False),
                                          stage=sel_stage, task=task, label_names=label_names, device=device,
-                                         autocast=autocast)
+                                         autocast=autocast, errors_on=errors_on)
         if len(missing.conditions) > 1:
-            tests["pooled"] = pool_results(list(tests.values()), task, label_names)
+            tests["pooled"] = pool_results(list(tests.values()), task, label_names, errors_on)
 
     records = []
     for cond in missing.labels:
@@ -623,7 +632,7 @@ def train_protocol(data, cfg: TrainConfig, *, hooks: TrainHooks | None = None,
         device = parallel.device if parallel is not None else resolve_device(cfg.device)
         missing = Missingness(parse_missing(cfg.missing))
         paper = bool(cfg.model.resolved.test_selection)
-        conversations = build_conversations(data)
+        conversations = build_conversations(data, zero_vectors_present=bool(cfg.model.resolved.zero_vectors_present))
         plans = plan_folds(data, cfg, paper_protocol=paper)
     except (DataError, ValueError) as err:
         raise TrainingError(str(err)) from None

@@ -9,7 +9,8 @@ reference loaders do.
 
 These sets write an all-zero vector where a modality is absent (no face found, ...), and the reference
 loaders feed those zeros to the model as if they were features. The store keeps the rule "missing is
-explicit": a zero vector becomes present=False with reason "zero-vector (absent in source)".
+explicit": a zero vector becomes present=False with reason "zero-vector (absent in source)"; the `faithful`
+variant feeds it to the model as a present zero input again (`zero_vectors_present`, docs/model.md §9.18).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.safe_pickle import safe_load
-from pipeline.store import MODALITIES, ClipRecord, ModalityInfo, ModalityValue, StoreHeader, write_store
+from pipeline.store import (MODALITIES, ZERO_VECTOR_REASON, ClipRecord, ModalityInfo, ModalityValue, StoreHeader,
+                            write_store)
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +38,7 @@ LABEL_NAMES: Mapping[str, tuple[str, ...]] = {
     "iemocap4": ("happy", "sad", "neutral", "angry"),
     "iemocap6": ("happy", "sad", "neutral", "angry", "excited", "frustrated"),
 }
-ZERO_REASON = "zero-vector (absent in source)"
+ZERO_REASON = ZERO_VECTOR_REASON
 MISSING_REASON = "missing-file"
 UNREADABLE_REASON = "unreadable"
 NONFINITE_REASON = "non-finite values in source"

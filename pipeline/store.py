@@ -44,6 +44,9 @@ SCHEMA = "comp-features"
 SCHEMA_VERSION = 1
 MODALITIES: tuple[str, ...] = ("audio", "text", "visual")
 TASKS = ("classification", "regression")
+# The reason of a modality whose source held an all-zero vector: the public pre-extracted sets mark "absent"
+# that way (no face found, ...). Recorded absent; training may feed it as a zero input (docs/model.md §9.18).
+ZERO_VECTOR_REASON = "zero-vector (absent in source)"
 STRING_COLUMNS = ("id", "source", "conversation", "speaker", "label", "split", "transcript", "status")
 CLIP_COLUMNS = STRING_COLUMNS + ("position", "value", "fold", "duration_s", "done")
 _STR = h5py.string_dtype(encoding="utf-8")

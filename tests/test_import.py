@@ -314,3 +314,23 @@ def test_cli_refuses_malicious_labels(tmp_path, capsys):
     assert main(_argv(paths, tmp_path / "x.h5", "-q")) == 2
     assert "refusing to load global" in capsys.readouterr().err
     assert not marker.exists() and not (tmp_path / "x.h5").exists()
+
+
+def test_zero_vectors_fed_as_present_only_when_asked(iemocap):
+    """zero_vectors_present (faithful, §9.18): an all-zero source vector is a present zero input; a missing or
+    unreadable file stays absent. Off (clean): every one of them is absent."""
+    from comp.data import build_conversations
+
+    _, _, data = iemocap
+    strict = {c.id: c for c in build_conversations(data)}
+    fed = {c.id: c for c in build_conversations(data, zero_vectors_present=True)}
+    zero = [("Ses01F_impro01", 1, 0), ("Ses03M_script02", 0, 2)]  # (conversation, position, modality index)
+    absent = [("Ses03M_script02", 1, 1), ("Ses01F_impro01", 2, 1)]  # missing file, unreadable file
+    for conv, pos, m in zero:
+        assert not strict[conv].present[pos, m]
+        assert fed[conv].present[pos, m]
+        assert not np.any(fed[conv].features[("audio", "text", "visual")[m]][pos])
+    for conv, pos, m in absent:
+        assert not strict[conv].present[pos, m] and not fed[conv].present[pos, m]
+    n_strict = sum(int(c.present.sum()) for c in strict.values())
+    assert sum(int(c.present.sum()) for c in fed.values()) == n_strict + len(zero)

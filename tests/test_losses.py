@@ -32,6 +32,8 @@ def test_regression_task_loss_is_mse_on_valid_rows() -> None:
     pred = torch.tensor([[[0.0], [0.0], [3.0]]])
     assert task_loss(pred, batch, "regression").item() == pytest.approx((1 + 4) / 2)
     assert masked_mse(pred[..., 0], batch.targets, batch.valid).item() == pytest.approx(2.5)
+    pred = torch.tensor([[[3.0], [1.0], [3.0]]])  # errors 2 and 3 (a sum instead of a difference: 4 and -1)
+    assert task_loss(pred, batch, "regression").item() == pytest.approx((4 + 9) / 2)
 
 
 def test_abs_cosine_is_weighted_mean_of_absolute_cosines() -> None:
@@ -70,6 +72,14 @@ def test_clean_reconstruction_is_relative_mse_over_present_rows() -> None:
     aux["rec_text"], aux["rec_target_text"] = torch.tensor([[0.0], [0.0]]), torch.tensor([[1.0], [1.0]])
     aux["rec_visual"], aux["rec_target_visual"] = torch.ones(2, 1), torch.zeros(2, 1)
     assert reconstruction_loss(aux).item() == pytest.approx((1 / 4 + 2 / 2) / 2)
+    # a modality absent everywhere before the others is skipped, not the end of the sum; small targets
+    # (|target|^2 well below 1) are divided by their own size
+    aux["rec_weight"] = torch.tensor([[0.0, 0.0], [1.0, 1.0], [1.0, 0.0]])
+    aux["rec_text"], aux["rec_target_text"] = torch.tensor([[0.0], [0.0]]), torch.tensor([[0.1], [0.1]])
+    aux["rec_visual"], aux["rec_target_visual"] = torch.tensor([[0.3], [0.0]]), torch.tensor([[0.1], [5.0]])
+    assert reconstruction_loss(aux).item() == pytest.approx((1.0 + 4.0) / 2)
+    aux["rec_weight"] = torch.zeros(3, 2)  # nothing present: no reconstruction term
+    assert reconstruction_loss(aux).item() == 0.0 and reconstruction_loss(aux).dtype == torch.float32
 
 
 def test_anti_label_is_cross_entropy_on_negated_logits() -> None:
@@ -151,3 +161,43 @@ def test_unlabelled_utterances_take_no_part_in_the_loss(variant: str) -> None:
     batch.labelled = None  # the same change counts once the utterance is labelled
     total_c, _ = comp_loss(out, batch, model.cfg, "classification", 2)
     assert not torch.allclose(total_a, total_c)
+
+
+def test_disentangling_separates_shared_from_private_not_only_private_pairs() -> None:
+    """L_dis = sum over modality pairs of |cos(p_i, p_j)| + |cos(p_i, s_i)| + |cos(p_j, s_j)| + JSD(σ(s_i), σ(s_j)).
+    Private codes orthogonal to each other but equal to their shared codes cost 2 per pair besides the JSD."""
+    from comp.losses import disentangle_loss
+
+    eye = torch.eye(4)[:3]  # p_a = e1, p_t = e2, p_v = e3 (one row each)
+    private = eye[:, None, :].clone()  # [3,R=1,D=4]
+    shared = private.clone()
+    ones = torch.ones(1)
+    aux = dict(shared=shared, private=private, dis_real=ones, dis_rows=ones)
+    sig = torch.sigmoid(shared)
+    jsd = sum(jensen_shannon(sig[i], sig[j], ones) for i in range(3) for j in range(i + 1, 3))
+    assert disentangle_loss(aux).item() == pytest.approx(3 * 2 + jsd.item(), rel=1e-6)
+    aux["shared"] = torch.roll(private, 1, dims=-1) + 0.0  # shared orthogonal to private: only the JSD is left
+    sig = torch.sigmoid(aux["shared"])
+    jsd = sum(jensen_shannon(sig[i], sig[j], ones) for i in range(3) for j in range(i + 1, 3))
+    assert disentangle_loss(aux).item() == pytest.approx(jsd.item(), rel=1e-6)
+
+
+def test_regression_anti_label_targets_random_sentiment() -> None:
+    """Regression anti-label loss: MSE to fresh noise clamp(1.5 N(0,1), -3, 3) per call. With private outputs 0
+    it is sum over 3 modalities of E[noise^2] ~ 3 * 1.96, and two calls differ."""
+    n = 4000
+    batch = ComPBatch({}, torch.ones(1, n, 3, dtype=torch.bool), torch.ones(1, n, dtype=torch.bool),
+                      torch.zeros(1, n))
+    priv = torch.zeros(3, n, 1)
+    torch.manual_seed(0)
+    z = torch.randn(400_000)
+    expected = 3 * float(((1.5 * z).clamp(-3, 3) ** 2).mean())
+    first, second = anti_label_loss(priv, batch, "regression").item(), anti_label_loss(priv, batch, "regression").item()
+    assert first == pytest.approx(expected, rel=0.05) and second == pytest.approx(expected, rel=0.05)
+    assert first != second
+    # one utterance, one modality: the loss is that draw's noise^2, never beyond the sentiment range (3^2),
+    # and the 1.5-sigma draws reach the clamp (|N(0,1)| > 2 in ~4.6 % of draws)
+    one = ComPBatch({}, torch.ones(1, 1, 3, dtype=torch.bool), torch.ones(1, 1, dtype=torch.bool), torch.zeros(1, 1))
+    draws = torch.tensor([anti_label_loss(torch.zeros(1, 1, 1), one, "regression").item() for _ in range(400)])
+    assert draws.max().item() == pytest.approx(9.0)
+    assert (draws >= 9.0 - 1e-6).sum() >= 5

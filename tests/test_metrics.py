@@ -29,16 +29,39 @@ def test_ua_ignores_classes_absent_from_the_truth():
 
 
 def test_regression_scores_on_a_hand_computed_case():
-    """MAE over all rows; binary scores on y != 0 and with zeros counted negative."""
-    y = np.array([1.0, -1.0, 0.0, 2.0])
-    p = np.array([0.5, -2.0, 0.3, -1.0])
+    """MAE over all rows; binary scores on y != 0, and on all rows with zero counted positive (MMSA)."""
+    y = np.array([1.0, -1.0, 0.0, 2.0, -0.5])
+    p = np.array([0.5, -2.0, -0.3, -1.0, 0.0])
     s = score("regression", y, p)
-    assert s["mae"] == pytest.approx((0.5 + 1 + 0.3 + 3) / 4)
-    assert s["acc2_non0"] == pytest.approx(2 / 3)
-    assert s["f1_non0"] == pytest.approx(2 / 3)  # both classes have F1 2/3
-    assert s["acc2_has0"] == pytest.approx(0.5)
-    # has0 truth T F F T vs pred T F T F: F1(T) = 0.5, F1(F) = 0.5
-    assert s["f1_has0"] == pytest.approx(0.5)
+    assert s["mae"] == pytest.approx((0.5 + 1 + 0.3 + 3 + 0.5) / 5)
+    # non0: truth T F T F vs pred T F F F (p = 0 is not > 0)
+    assert s["acc2_non0"] == pytest.approx(3 / 4)
+    assert s["f1_non0"] == pytest.approx(0.5 * (2 / 3) + 0.5 * 0.8)
+    # has0 (y >= 0, p >= 0): truth T F T T F vs pred T F F F T
+    assert s["acc2_has0"] == pytest.approx(2 / 5)
+    assert s["f1_has0"] == pytest.approx(0.4)  # T: P 1/2, R 1/3 -> 0.4; F: P 1/3, R 1/2 -> 0.4
+
+
+def test_zero_label_and_zero_prediction_count_as_positive_in_has0():
+    """MMSA's acc2_has0: y = 0 and p = 0 are both on the positive side, so they agree."""
+    s = score("regression", np.array([0.0, -1.0]), np.array([0.0, -1.0]))
+    assert s["acc2_has0"] == 1.0
+    assert score("regression", np.array([0.0, 1.0]), np.array([-0.1, 1.0]))["acc2_has0"] == 0.5
+
+
+def test_mae_and_corr_on_all_rows_or_on_the_nonzero_subset():
+    """errors_on="all" (clean, MMSA) scores every labelled row; "non0" (faithful, released code) drops y = 0."""
+    y = np.array([1.0, 0.0, -2.0, 0.0, 3.0])
+    p = np.array([2.0, 5.0, -1.0, -4.0, 1.0])
+    every, non0 = score("regression", y, p), score("regression", y, p, errors_on="non0")
+    assert every["mae"] == pytest.approx((1 + 5 + 1 + 4 + 2) / 5)
+    assert non0["mae"] == pytest.approx((1 + 1 + 2) / 3)
+    assert every["corr"] == pytest.approx(np.corrcoef(y, p)[0, 1])
+    assert non0["corr"] == pytest.approx(np.corrcoef(y[y != 0], p[y != 0])[0, 1])
+    assert {k: every[k] for k in ("acc2_non0", "f1_non0", "acc2_has0")} == \
+        {k: non0[k] for k in ("acc2_non0", "f1_non0", "acc2_has0")}
+    with pytest.raises(ValueError, match="errors_on"):
+        score("regression", y, p, errors_on="zero")
 
 
 def test_corr_is_pearson():

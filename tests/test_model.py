@@ -149,7 +149,7 @@ def test_faithful_pad_row_equals_explicit_padding() -> None:
     batch = make_batch([5, 3], seed=3)
     with torch.no_grad():
         present = batch.present & batch.valid[..., None]
-        proj = model._encode(batch, present[batch.valid], pad_row=True)
+        proj = model._encode(batch, present[batch.valid], pad_rows=1)
         layout = Layout.from_valid(batch.valid, present.permute(2, 0, 1))
         grid = model._time_grid(model.shared_enc(proj), layout)
         explicit = []
@@ -158,6 +158,39 @@ def test_faithful_pad_row_equals_explicit_padding() -> None:
             explicit.append(model.in_proj[u](x))
         expected = model.shared_enc(torch.stack(explicit))
     assert torch.allclose(grid, expected, atol=1e-6)
+
+
+def test_faithful_padding_slots_draw_their_own_dropout_in_training() -> None:
+    """Faithful, training with dropout: each fixed-length padding slot gets its own dropout draw, as in the
+    released code (so the time-axis prototypes see max_len - L different padding vectors, not one)."""
+    model = build("faithful", drop=0.5)
+    model.train()
+    batch = make_batch([5, 3], seed=3)
+    grids = []
+    hook = model.prototypes.register_forward_hook(lambda mod, inp, out: grids.append(inp[0]))
+    try:
+        with torch.no_grad():
+            model(batch, 2)
+    finally:
+        hook.remove()
+    pads = grids[0][:, 1, 3:]  # [3, max_len - 3, D]: conversation 1's padding slots
+    assert pads.shape[1] == 12 - 3
+    assert not torch.allclose(pads[:, 0], pads[:, 1])
+    # with every dropout probability at 0 the per-slot rows are identical: the same outputs and losses as the
+    # one-row path of eval mode
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Dropout):
+            mod.p = 0.0
+    for stage in (1, 2):
+        with torch.no_grad():
+            slots = model(batch, stage)
+            loss_slots, _ = comp_loss(slots, batch, model.cfg, "classification", stage)
+            model.eval()
+            one = model(batch, stage)
+            loss_one, _ = comp_loss(one, batch, model.cfg, "classification", stage)
+            model.train()
+        assert torch.allclose(slots.logits, one.logits, atol=1e-5)
+        assert loss_slots.item() == pytest.approx(loss_one.item(), rel=1e-5)
 
 
 def test_attention_ignores_masked_keys_and_zeroes_keyless_queries() -> None:
@@ -227,6 +260,7 @@ def _signal_batch(gen: torch.Generator, task: str, n_conv: int = 6, length: int 
     return batch
 
 
+@pytest.mark.learning
 @pytest.mark.parametrize("variant,task", [("clean", "classification"), ("faithful", "classification"),
                                           ("clean", "regression")])
 def test_tiny_model_learns_label_encoded_in_features(variant: str, task: str) -> None:
@@ -286,3 +320,135 @@ def test_every_single_quirk_flip_trains(variant: str, flag: str) -> None:
         gm.apply(out, batch)
         assert torch.isfinite(loss)
         assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+# ------------------------------------------------------------------------------------- masking by presence
+
+def _drop_utterance(batch: ComPBatch, conv: int, pos: int) -> ComPBatch:
+    """Conversation `conv` alone with utterance `pos` removed (later ones move up)."""
+    n = int(batch.valid[conv].sum())
+    keep = [i for i in range(n) if i != pos]
+    return ComPBatch({u: f[conv:conv + 1, keep] for u, f in batch.features.items()}, batch.present[conv:conv + 1, keep],
+                     batch.valid[conv:conv + 1, keep], batch.targets[conv:conv + 1, keep])
+
+
+@pytest.mark.parametrize("variant", ["clean", "faithful"])
+def test_an_absent_modality_is_not_attended_to(variant: str) -> None:
+    """Stage 1 (attention only): an utterance whose audio is absent takes no part in the others' audio stream,
+    so removing it from the conversation leaves every other utterance's audio head unchanged, while removing a
+    present one changes them (the absent row is a zero input, but its key would still be a learned vector)."""
+    model = build(variant)
+    model.eval()
+    batch = select(make_batch([6], seed=11), 0)
+    batch.present[0, :, 0] = True
+    batch.present[0, 2, 0] = False
+    batch.features["audio"][0, 2] = 0.0
+    with torch.no_grad():
+        full = model(batch, 1).head_logits["audio"][0]
+        without_absent = model(_drop_utterance(batch, 0, 2), 1).head_logits["audio"][0]
+        without_present = model(_drop_utterance(batch, 0, 3), 1).head_logits["audio"][0]
+    others = [0, 1, 3, 4, 5]
+    assert torch.allclose(full[others], without_absent, atol=1e-5)
+    assert (full[[0, 1, 2, 4, 5]] - without_present).abs().max() > 1e-4
+
+
+def test_clean_utterance_with_nothing_present_leaves_the_others_alone() -> None:
+    """Clean stage 2, eval: appending an utterance with every modality absent changes no other prediction."""
+    model = build("clean")
+    _warm_bank(model)
+    batch = select(make_batch([5], seed=12), 0)
+    longer = pad_batch(batch, 6)
+    longer.valid[0, 5] = True
+    longer.targets[0, 5] = 0
+    with torch.no_grad():
+        a, b = model(batch, 2), model(longer, 2)
+    assert torch.allclose(a.logits[0], b.logits[0, :5], atol=1e-5)
+
+
+def _prompts(model: ComP, batch: ComPBatch, stage: int = 2) -> list[torch.Tensor]:
+    """The outputs [3,N,p] of both prompt-generation blocks in one forward pass."""
+    seen: list[torch.Tensor] = []
+    hooks = [pg.register_forward_hook(lambda mod, inp, out: seen.append(out)) for pg in (model.pg1, model.pg2)]
+    try:
+        with torch.no_grad():
+            model(batch, stage)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def test_clean_prompts_of_absent_modalities_are_zero() -> None:
+    """Clean (prompt_mask): an absent modality sends no prompt to the others, in both PG blocks and both modes;
+    present modalities do send one."""
+    model = build("clean")
+    _warm_bank(model)
+    batch = make_batch([6, 4, 7], seed=13)
+    present = (batch.present & batch.valid[..., None])[batch.valid].t()  # [3,N] packed like the prompts
+    assert (~present).any() and present.any()
+    for train in (False, True):
+        model.train(train)
+        for prompts in _prompts(model, batch):
+            assert torch.all(prompts[~present] == 0)
+            assert prompts[present].abs().sum(-1).min() > 0
+
+
+def test_clean_prototypes_learn_from_present_instances_only() -> None:
+    """Clean, training: a conversation whose audio is absent throughout does not move the audio prototype bank
+    (its absent rows are all the same zero-input vector and must not become prototypes), while it does move
+    the text bank, where it is present."""
+    def bank_after(batch: ComPBatch) -> torch.Tensor:
+        model = build("clean")
+        model.train()
+        with torch.no_grad():
+            model(batch, 2)
+        return model.prototypes.bank.clone()
+
+    base = make_batch([5, 6], seed=14)
+    extra = make_batch([5, 6, 4], seed=14)
+    extra.present[2, :, 0] = False
+    extra.present[2, :4, 1] = True
+    extra.features["audio"][2] = 0.0
+    for u in MODALITY_ORDER:
+        extra.features[u][:2], extra.present[:2] = base.features[u][:, :6], base.present[:, :6]
+    a, b = bank_after(base), bank_after(extra)
+    assert torch.allclose(a[0], b[0], atol=1e-6)
+    assert (a[1] - b[1]).abs().max() > 1e-4
+
+
+def test_variant_defaults_follow_the_documented_table() -> None:
+    """The switch values of both variants as docs/model.md §9 lists them."""
+    faithful, clean = ModelConfig(variant="faithful").resolved, ModelConfig(variant="clean").resolved
+    assert faithful.fuse_absent and clean.fuse_absent
+    assert (faithful.prompt_mask, clean.prompt_mask) == (False, True)
+    assert (faithful.raw_features, faithful.zero_vectors_present, faithful.fp32) == (True, True, True)
+    assert (clean.raw_features, clean.zero_vectors_present, clean.fp32) == (False, False, False)
+
+
+def test_clean_prototypes_pool_each_prototype_over_the_instances() -> None:
+    """Clean prototypes: each prototype is a convex combination of the present instances (softmax over
+    instances), so identical instances v give every prototype exactly v before the mixing layer."""
+    from comp.prompts import InstancePrototypes
+
+    torch.manual_seed(0)
+    protos = InstancePrototypes(1, 4, 3, drop=0.0, ema=0.5)
+    with torch.no_grad():
+        protos.mix.weight.copy_(torch.eye(3)[None])
+        protos.mix.bias.zero_()
+    v = torch.tensor([0.5, -1.0, 2.0, 0.25])
+    z = v.expand(1, 7, 4).clone()
+    member = torch.ones(1, 7, dtype=torch.bool)
+    member[0, 5:] = False
+    out, logits = protos.train()(z, member)
+    assert logits.shape == (1, 7, 3)
+    assert torch.allclose(out[0], torch.nn.functional.gelu(v).expand(3, 4), atol=1e-6)
+
+
+def test_clean_prompt_has_the_outer_mlp_and_trains_it() -> None:
+    """Clean (outer_prompt_mlp, paper eq. 8): both PG blocks end in MLP_p, which gets gradients in stage 2;
+    faithful has none."""
+    clean, faithful = build("clean"), build("faithful")
+    assert not any(".proj_out." in n for n, _ in faithful.named_parameters())
+    trained = _grad_modules(clean, 2)
+    for pg in ("pg1", "pg2"):
+        assert any(n.startswith(f"{pg}.proj_out.") for n in trained)

@@ -170,3 +170,111 @@ def test_comp_learns_and_fusion_beats_each_modality(tmp_path):
     # stage-2 heads are not uni-modal (the prompts carry the other modalities), so no margin over them
     for m, head in run["test_heads"].items():
         assert fused > head["acc"], m
+
+
+def _features_seen(data, cfg, monkeypatch) -> np.ndarray:
+    """Every present audio row that reached the model during training and evaluation."""
+    from comp.model import ComP
+
+    seen = []
+    real = ComP.forward
+
+    def spy(self, batch, stage):
+        present = (batch.present[..., 0] & batch.valid).numpy()
+        seen.append(batch.features["audio"].numpy()[present])
+        return real(self, batch, stage)
+
+    monkeypatch.setattr(ComP, "forward", spy)
+    train_protocol(data, cfg)
+    return np.concatenate(seen)
+
+
+@pytest.mark.parametrize("variant", ["faithful", "clean"])
+def test_raw_features_switch_decides_what_the_model_sees(data, monkeypatch, variant):
+    """raw_features (§9.17): faithful feeds the stored vectors unchanged; clean standardises them per dimension
+    with statistics of the training conversations (so no stored vector reaches its model unchanged)."""
+    cfg = _cfg(model=ModelConfig(**{**TINY.__dict__, "variant": variant}), epochs=1, stage_epochs=1)
+    seen = _features_seen(data, cfg, monkeypatch)
+    stored = data.features["audio"][data.present["audio"]]
+    matches = (np.abs(seen[:, None, :] - stored[None, :, :]).max(-1) == 0).any(1)
+    if variant == "faithful":
+        assert matches.all()
+    else:
+        assert not matches.any()
+        assert abs(float(seen.mean())) < 0.5 * abs(float(stored.mean())) + 0.2
+
+
+def test_fp32_switch_turns_mixed_precision_off():
+    """fp32 (§9.19): faithful never autocasts, even on CUDA with amp on; clean autocasts in bf16 there."""
+    import contextlib
+
+    import torch
+
+    from comp.config import Quirks
+
+    cuda = torch.device("cuda")
+    faithful = TrainConfig(model=ModelConfig(variant="faithful"))
+    assert train_mod._autocast_factory(cuda, faithful) == (contextlib.nullcontext, None)
+    autocast, scaler = train_mod._autocast_factory(cuda, TrainConfig(model=ModelConfig(variant="clean")))
+    assert scaler is None and isinstance(autocast(), torch.autocast)
+    flipped = TrainConfig(model=ModelConfig(variant="clean", quirks=Quirks(fp32=True)))
+    assert train_mod._autocast_factory(cuda, flipped) == (contextlib.nullcontext, None)
+
+
+def test_gradient_modulator_acts_in_the_training_loop(data):
+    """Clean: the loop applies the modulator in stage 2, so its training differs from the same run with the
+    modulator switched off; stage 1 (where it never acts) is identical."""
+    from comp.config import Quirks
+
+    def history(on: bool):
+        model = ModelConfig(**{**TINY.__dict__, "quirks": Quirks(gradient_modulator=on)})
+        return train_protocol(data, _cfg(model=model, epochs=3, stage_epochs=1)).runs[0]["history"]
+
+    on, off = history(True), history(False)
+    assert on[0]["train_loss"] == off[0]["train_loss"] and on[0]["val"] == off[0]["val"]
+    assert on[-1]["train_loss"] != off[-1]["train_loss"]
+
+
+def test_normalizer_is_fitted_on_training_conversations_only(data):
+    """Clean: the standardisation statistics are those of the present training rows; validation and test
+    conversations (made very different here) do not leak into them."""
+    from comp.data import Normalizer, build_conversations, plan_folds, select
+
+    cfg = _cfg(epochs=1, stage_epochs=1)
+    plan = plan_folds(data, cfg)[0]
+    shifted = data.features["audio"].copy()
+    held_out = np.isin(data.conversation.astype(str), list(plan.val) + list(plan.test))
+    shifted[held_out] += 100.0
+    import dataclasses
+    moved = dataclasses.replace(data, features={**data.features, "audio": shifted})
+    outcome = train_protocol(moved, cfg).best
+    expected = Normalizer.fit(select(build_conversations(moved), plan.train))
+    for m in ("audio", "text", "visual"):
+        np.testing.assert_allclose(outcome.normalizer.mean[m], expected.mean[m], rtol=1e-6)
+        np.testing.assert_allclose(outcome.normalizer.std[m], expected.std[m], rtol=1e-6)
+    assert float(np.abs(outcome.normalizer.mean["audio"]).max()) < 50
+
+
+def test_faithful_test_batches_are_masked_afresh_every_epoch(data, monkeypatch):
+    """Faithful (paper protocol): every test batch gets a random mask at the run's missing rate, redrawn at
+    every epoch, as the released code does."""
+    from comp.model import ComP
+
+    seen: list[np.ndarray] = []
+    real = ComP.forward
+
+    def spy(self, batch, stage):
+        if not self.training:
+            seen.append((batch.present & batch.valid[..., None]).numpy()[batch.valid.numpy()])
+        return real(self, batch, stage)
+
+    monkeypatch.setattr(ComP, "forward", spy)
+    cfg = _cfg(model=ModelConfig(**{**TINY.__dict__, "variant": "faithful"}), epochs=3, stage_epochs=1,
+               missing="random:0.5")
+    train_protocol(data, cfg)
+    per_epoch = len(seen) // 3
+    masks = [np.concatenate(seen[i * per_epoch:(i + 1) * per_epoch]) for i in range(3)]
+    natural = np.stack([data.present[m] for m in ("audio", "text", "visual")], axis=1).mean()
+    for m in masks:
+        assert m.mean() < natural - 0.25  # about half of what the data has is removed
+    assert not np.array_equal(masks[0], masks[1])
