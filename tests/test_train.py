@@ -193,7 +193,7 @@ def _features_seen(data, cfg, monkeypatch) -> np.ndarray:
 def test_raw_features_switch_decides_what_the_model_sees(data, monkeypatch, variant):
     """raw_features (§9.17): faithful feeds the stored vectors unchanged; clean standardises them per dimension
     with statistics of the training conversations (so no stored vector reaches its model unchanged)."""
-    cfg = _cfg(model=ModelConfig(**{**TINY.__dict__, "variant": variant}), epochs=1, stage_epochs=1)
+    cfg = _cfg(model=ModelConfig(**{**TINY.__dict__, "variant": variant}), epochs=2, stage_epochs=1)
     seen = _features_seen(data, cfg, monkeypatch)
     stored = data.features["audio"][data.present["audio"]]
     matches = (np.abs(seen[:, None, :] - stored[None, :, :]).max(-1) == 0).any(1)
@@ -240,7 +240,7 @@ def test_normalizer_is_fitted_on_training_conversations_only(data):
     conversations (made very different here) do not leak into them."""
     from comp.data import Normalizer, build_conversations, plan_folds, select
 
-    cfg = _cfg(epochs=1, stage_epochs=1)
+    cfg = _cfg(epochs=2, stage_epochs=1)
     plan = plan_folds(data, cfg)[0]
     shifted = data.features["audio"].copy()
     held_out = np.isin(data.conversation.astype(str), list(plan.val) + list(plan.test))
