@@ -4,6 +4,8 @@ into real files by PyAV. Nothing is downloaded.
     clip = make_clip(tmp / "hello.mp4", text="Hello there", face=True)      # speech + a smiling face
     make_clip(tmp / "quiet.mp4", audio="silent", face=False)                 # silence + a scene with no face
     make_clip(tmp / "voice.wav", text="Audio only", video=False)             # no video stream
+    write_tracks(tmp / "two.mp4", audio=[AudioTrack(silence(2), default=False), AudioTrack(speech)])
+    write_tracks(tmp / "phone.mp4", video=[VideoTrack(face, rotation=90)])  # stored sideways, shown upright
 
 Images: `skimage.data.astronaut()` (public domain; Eileen Collins, smiling) and the Labeled Faces in the Wild
 thumbnails of `skimage.data.lfw_subset()`. scikit-image is needed only here.
@@ -16,6 +18,7 @@ import subprocess
 import tempfile
 import wave
 from collections.abc import Sequence
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Literal
@@ -301,6 +304,130 @@ def make_clip(
     if video:
         picture = image if image is not None else (face_image(size=size) if face else no_face_image(size=size))
     return write_clip(path, audio=samples, frames=picture, fps=fps, duration_s=duration_s)
+
+
+# --------------------------------------------------------------------------- several tracks
+
+
+def stored_for_display(image: np.ndarray, rotation: int = 0, hflip: bool = False, vflip: bool = False) -> np.ndarray:
+    """The frame to store so that a player shows `image` under `VideoStream.set_display_rotation(rotation,
+    hflip, vflip)` (PyAV: rotate counter-clockwise by `rotation` degrees, then mirror)."""
+    if rotation % 90:
+        raise ValueError("rotation must be a multiple of 90 degrees")
+    out = image[:, ::-1] if hflip else image
+    out = out[::-1] if vflip else out
+    return np.ascontiguousarray(np.rot90(out, k=-(rotation // 90)))  # undo the counter-clockwise turn
+
+
+@dataclass
+class VideoTrack:
+    """One video stream for `write_tracks`: frames as for `write_clip`, shown as `rotation`/flips say.
+
+    With `upright=True` the frames are what a player must show: they are stored turned back
+    (`stored_for_display`) and the display matrix turns them upright again. `default` sets or clears the
+    default disposition (None: the muxer decides). `codec` "png"/"mjpeg" writes single pictures.
+    """
+
+    frames: np.ndarray | Sequence[np.ndarray]
+    fps: int = DEFAULT_FPS
+    n_frames: int | None = None  # copies of a single image; default: fps * the file's duration
+    rotation: int = 0
+    hflip: bool = False
+    vflip: bool = False
+    upright: bool = True
+    default: bool | None = None
+    codec: str = "libx264"
+
+
+@dataclass
+class AudioTrack:
+    """One audio stream for `write_tracks`: float32 samples [n] (mono) or [C, n], at `sample_rate`."""
+
+    samples: np.ndarray
+    sample_rate: int = SAMPLE_RATE
+    default: bool | None = None
+    dispositions: tuple[str, ...] = ()  # more FFmpeg disposition names, e.g. ("comment",)
+    codec: str = "aac"
+
+
+_LAYOUTS = {1: "mono", 2: "stereo"}
+
+
+def _disposition(default: bool | None, names: Sequence[str] = ()) -> av.stream.Disposition | None:
+    if default is None and not names:
+        return None
+    value = av.stream.Disposition(0)
+    for name in (*names, *(["default"] if default else [])):
+        value |= getattr(av.stream.Disposition, name)
+    return value
+
+
+def write_tracks(path: str | Path, *, video: Sequence[VideoTrack] = (), audio: Sequence[AudioTrack] = (),
+                 attachments: Sequence[tuple[str, str, bytes]] = ()) -> Path:
+    """A file with several streams in the given order (video streams first): what phones, editors and
+    rippers write. `attachments` are (name, mimetype, data) (Matroska: an image attachment is cover art)."""
+    path = Path(path)
+    if not video and not audio:
+        raise ValueError("write_tracks needs a video or an audio track")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    duration = max([t.samples.shape[-1] / t.sample_rate for t in audio] or [1.0])
+    with av.open(str(path), mode="w") as container:
+        for name, mimetype, data in attachments:
+            container.add_attachment(name, mimetype, data)
+        plans: list[tuple[av.stream.Stream, list[av.frame.Frame]]] = []
+        for track in video:
+            n = track.n_frames or max(1, int(round(duration * track.fps)))
+            images = _as_frames(track.frames, n)[:n]
+            if track.upright:
+                images = [stored_for_display(im, track.rotation, track.hflip, track.vflip) for im in images]
+            height, width = _even(images[0].shape[0]), _even(images[0].shape[1])
+            stream = container.add_stream(track.codec, rate=track.fps)
+            pix_fmt = {"png": "rgb24", "mjpeg": "yuvj420p"}.get(track.codec, "yuv420p")
+            stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+            if track.rotation or track.hflip or track.vflip:
+                stream.set_display_rotation(track.rotation, hflip=track.hflip, vflip=track.vflip)
+            disposition = _disposition(track.default)
+            if disposition is not None:
+                stream.disposition = disposition
+            frames = []
+            for i, image in enumerate(images):
+                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image[:height, :width]), format="rgb24")
+                frame = frame.reformat(format=pix_fmt) if pix_fmt != "rgb24" else frame
+                frame.pts = i
+                frames.append(frame)
+            plans.append((stream, frames))
+        for track in audio:
+            samples = np.asarray(track.samples, np.float32)
+            samples = samples[None] if samples.ndim == 1 else samples
+            layout = _LAYOUTS.get(samples.shape[0], f"{samples.shape[0]}c")
+            stream = container.add_stream(track.codec, rate=track.sample_rate, layout=layout)
+            disposition = _disposition(track.default, track.dispositions)
+            if disposition is not None:
+                stream.disposition = disposition
+            frames = []
+            chunk = 1024
+            for start in range(0, samples.shape[1], chunk):
+                block = np.clip(samples[:, start:start + chunk], -1.0, 1.0)
+                frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(block), format="fltp", layout=layout)
+                frame.sample_rate, frame.pts = track.sample_rate, start
+                frame.time_base = Fraction(1, track.sample_rate)
+                frames.append(frame)
+            plans.append((stream, frames))
+        for stream, frames in plans:  # one stream after the other: the muxer interleaves by time itself
+            for frame in frames:
+                container.mux(stream.encode(frame))
+            container.mux(stream.encode(None))
+    return path
+
+
+def lfs_pointer(path: str | Path, size: int = 1_234_567) -> Path:
+    """A Git LFS pointer file where a clone without `git lfs pull` leaves the media."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("version https://git-lfs.github.com/spec/v1\n"
+                    "oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\n"
+                    f"size {size}\n")
+    return path
 
 
 def corrupt_file(path: str | Path, *, keep_bytes: int = 64, seed: int = 0) -> Path:
