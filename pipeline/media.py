@@ -90,6 +90,85 @@ def noise(duration_s: float, *, level: float = 0.1, seed: int = 0) -> np.ndarray
     return np.clip(rng.normal(0.0, level, n), -1.0, 1.0).astype(np.float32)
 
 
+NOISE_KINDS = ("white", "pink", "brown", "hum-50", "hum-60", "fan", "room-tone", "keyboard", "rain", "music-chords",
+               "music-melody", "music-drums", "clicks-and-hum")
+
+
+def _shaped_noise(n: int, rng: np.random.Generator, exponent: float) -> np.ndarray:
+    """Noise with power spectrum ~ 1/f**exponent (0 white, 1 pink, 2 brown), unit RMS."""
+    spectrum = np.fft.rfft(rng.standard_normal(n))
+    freqs = np.fft.rfftfreq(n, 1.0 / SAMPLE_RATE)
+    freqs[0] = freqs[1]
+    out = np.fft.irfft(spectrum / freqs ** (exponent / 2.0), n)
+    return out / (np.sqrt(np.mean(out ** 2)) + 1e-12)
+
+
+def _tone(freq: float, t: np.ndarray, harmonics: int = 4) -> np.ndarray:
+    return sum(np.sin(2 * np.pi * freq * (k + 1) * t) / (k + 1) for k in range(harmonics))
+
+
+def noise_variant(kind: str, duration_s: float = 4.0, *, level_db: float = -30.0, seed: int = 0) -> np.ndarray:
+    """A sound with no speech in it, float32 at 16 kHz with RMS `level_db` dBFS: what recordings hold besides
+    voices. kinds (NOISE_KINDS): white/pink/brown noise, mains hum (50/60 Hz and harmonics), a fan, room tone
+    (quiet low-passed noise with a slow swell), keyboard typing (clicks at random intervals), rain (noise with
+    drops), music (piano-like chords, a melody, a drum pattern), clicks over hum."""
+    rng = np.random.default_rng(seed)
+    n = int(round(duration_s * SAMPLE_RATE))
+    t = np.arange(n) / SAMPLE_RATE
+    if kind == "white":
+        x = rng.standard_normal(n)
+    elif kind in ("pink", "brown"):
+        x = _shaped_noise(n, rng, 1.0 if kind == "pink" else 2.0)
+    elif kind in ("hum-50", "hum-60"):
+        x = _tone(50.0 if kind == "hum-50" else 60.0, t, harmonics=6) + 0.05 * rng.standard_normal(n)
+    elif kind == "fan":
+        x = _shaped_noise(n, rng, 1.5) + 0.5 * _tone(120.0, t, 3)
+    elif kind == "room-tone":
+        x = _shaped_noise(n, rng, 1.8) * (1.0 + 0.3 * np.sin(2 * np.pi * 0.2 * t))
+    elif kind in ("keyboard", "clicks-and-hum"):
+        x = 0.01 * rng.standard_normal(n)
+        for start in np.cumsum(rng.uniform(0.08, 0.35, int(duration_s / 0.08))):
+            i = int(start * SAMPLE_RATE)
+            if i >= n:
+                break
+            m = min(n - i, int(0.015 * SAMPLE_RATE))
+            x[i:i + m] += rng.standard_normal(m) * np.exp(-np.arange(m) / (0.002 * SAMPLE_RATE))
+        if kind == "clicks-and-hum":
+            x += 0.3 * _tone(50.0, t, 6)
+    elif kind == "rain":
+        x = _shaped_noise(n, rng, 0.5)
+        for i in rng.integers(0, n, int(40 * duration_s)):
+            m = min(n - i, 160)
+            x[i:i + m] += 4.0 * rng.standard_normal(m) * np.exp(-np.arange(m) / 30.0)
+    elif kind in ("music-chords", "music-melody"):
+        notes = [261.6, 329.6, 392.0, 440.0, 349.2, 293.7, 523.3, 196.0]
+        beat = 0.5 if kind == "music-melody" else 1.0
+        x = np.zeros(n)
+        for k, start in enumerate(np.arange(0.0, duration_s, beat)):
+            i, m = int(start * SAMPLE_RATE), int(beat * SAMPLE_RATE)
+            seg = t[: min(m, n - i)]
+            env = np.exp(-seg * 3.0)
+            chord = [notes[k % len(notes)]] if kind == "music-melody" else \
+                [notes[k % len(notes)], notes[(k + 2) % len(notes)] * 1.0, notes[(k + 4) % len(notes)] / 2]
+            x[i:i + len(seg)] += env * sum(_tone(f, seg, 5) for f in chord)
+    elif kind == "music-drums":
+        x = np.zeros(n)
+        for k, start in enumerate(np.arange(0.0, duration_s, 0.25)):
+            i = int(start * SAMPLE_RATE)
+            m = min(n - i, int(0.2 * SAMPLE_RATE))
+            seg = np.arange(m) / SAMPLE_RATE
+            if k % 4 == 0:  # kick
+                x[i:i + m] += np.sin(2 * np.pi * 60 * seg * np.exp(-seg * 8)) * np.exp(-seg * 15)
+            elif k % 4 == 2:  # snare
+                x[i:i + m] += rng.standard_normal(m) * np.exp(-seg * 25)
+            else:  # hi-hat
+                x[i:i + m] += 0.3 * np.diff(rng.standard_normal(m + 1)) * np.exp(-seg * 60)
+    else:
+        raise ValueError(f"unknown noise kind {kind!r}; choose from {NOISE_KINDS}")
+    x = x / (np.sqrt(np.mean(x ** 2)) + 1e-12) * 10 ** (level_db / 20.0)
+    return np.clip(x, -1.0, 1.0).astype(np.float32)
+
+
 # --------------------------------------------------------------------------- images
 
 
