@@ -30,6 +30,7 @@ FALLBACK = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]  # whisper.transcribe's temperatures
 SETTINGS = {
     "greedy": {"beam_size": None, "temperatures": [0.0]},
     "greedy+fallback": {"beam_size": None, "temperatures": FALLBACK, "best_of": 5},
+    "beam5": {"beam_size": 5, "temperatures": [0.0]},
     "beam5+fallback": {"beam_size": 5, "temperatures": FALLBACK, "best_of": 5},
 }
 

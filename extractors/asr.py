@@ -534,12 +534,17 @@ class WhisperASR(Extractor):
         for temperature in self.config.temperatures:
             if not pending:
                 break
-            features = torch.stack([w.features for w in pending])
-            with torch.inference_mode(), torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)  # sampling at temperature > 0 gives the same text on every run
-                results = whisper.decode(self.model, features, self._options(temperature))
-            for w, r in zip(pending, results):
-                w.result = r
+            options = self._options(temperature)
+            # openai-whisper's beam search (and best-of-n sampling) mixes up the windows of a batch: one at a time
+            size = 1 if (options.beam_size or 1) > 1 or (options.best_of or 1) > 1 else len(pending)
+            for first in range(0, len(pending), size):
+                group = pending[first:first + size]
+                features = torch.stack([w.features for w in group])
+                with torch.inference_mode(), torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(0)  # sampling at temperature > 0 gives the same text on every run
+                    results = whisper.decode(self.model, features, options)
+                for w, r in zip(group, results):
+                    w.result = r
             pending = [w for w in pending if self._needs_fallback(w.result)]
 
     def _seek_within(self, clips: Sequence[ClipInput], decoded: list[EncoderWindow]) -> None:
