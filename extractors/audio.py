@@ -35,6 +35,7 @@ from pipeline.configuration import ConfigError
 logger = logging.getLogger(__name__)
 
 POOLING = "mean over real frames"
+RULES_VERSION = 2  # which clips are "silent", and how Whisper's input is scaled and windowed (extraction spec)
 
 
 def _missing(reason: str) -> ExtractorOutput:
@@ -114,6 +115,7 @@ class HFAudioEncoder(Extractor):
         fe = self.feature_extractor
         return {
             "extractor": self.name,
+            "rules": RULES_VERSION,
             "encoder": c.model,
             **self.identity,
             "layers": describe_layers(c.layers),
@@ -235,6 +237,7 @@ class WhisperEncoderFeatures(Extractor):
         c = self.config
         return {
             "extractor": self.name,
+            "rules": RULES_VERSION,
             "encoder": c.model,
             "checkpoint_sha256": self.loaded.weights_sha256,
             "layers": describe_layers(c.layers),
