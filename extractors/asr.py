@@ -5,12 +5,19 @@ Per clip, text is missing (and `clip.text_reason` says why) when:
 
     no audio                        "no-audio: <audio_reason>"
     digital silence                 "silent"             (extractors.vad: no sample above two 16-bit steps)
-    no speech for the VAD           "asr-no-speech"      silero-vad finds under min_speech_s of speech, judged
-                                                         relative to the recording (its level does not count)
-    Whisper hears no speech         "asr-no-speech"      in every window: no_speech_prob > threshold AND
-                                                         avg_logprob < threshold (whisper.transcribe's skip rule)
+    no speech heard                 "asr-no-speech"      in every window: where silero-vad (judged relative to
+                                                         the recording) hears min_speech_s of speech, Whisper's
+                                                         skip rule (no_speech_prob > threshold AND avg_logprob <
+                                                         threshold); where it hears none, Whisper's scores must
+                                                         both say speech (no_speech_prob < threshold AND
+                                                         avg_logprob >= threshold)
     every window is a decoding loop "asr-hallucination"  see below
     blanks or punctuation only      "asr-empty"
+
+Two detectors, so that neither alone loses speech or lets noise through: silero-vad misses some shouted or
+laughing speech (RAVDESS's strong happy/fearful takes; Whisper's no-speech probability ~0.1 there), and
+Whisper's own rule lets "you" / "Thank you." through on hiss and quiet music (no-speech probability > 0.6
+but mean logprob just above -1). A window the VAD finds silent needs both of Whisper's scores to say speech.
 
 Decoding follows `whisper.transcribe`: timestamps on, the temperature fallback (a window whose text is too
 repetitive, compression ratio > threshold, or too unlikely, avg_logprob < threshold, is decoded again at the
@@ -104,7 +111,7 @@ class WhisperConfig:
     logprob_threshold: float = -1.0  # ... which needs both a high no-speech prob and a low mean logprob
     compression_ratio_threshold: float = 2.4  # gzip ratio above this: decode again hotter, then loop check
     vad_threshold: float = vad.DEFAULT_THRESHOLD  # silero-vad speech probability threshold
-    min_speech_s: float = 0.25  # VAD speech needed in a window (and the clip) to transcribe it
+    min_speech_s: float = 0.25  # seconds of VAD speech for a window to count as heard by the VAD
     beam_size: int | None = None  # None = greedy at temperature 0
     temperatures: tuple[float, ...] = (0.0,)  # more than one = whisper's fallback for failed windows
     best_of: int | None = None  # candidates sampled at temperatures > 0 (whisper.transcribe's CLI: 5)
@@ -329,6 +336,7 @@ class EncoderWindow:
     decode: bool  # False: the window is encoded (for audio features) but holds no speech to transcribe
     start: int = 0  # first sample of the window in the clip
     stats: bool = True  # False: a window decoded again from a timestamp inside it (no audio-feature sums)
+    vad_speech: bool = True  # the VAD heard at least min_speech_s of speech in it
     result: Any = None  # whisper DecodingResult (after temperature fallback)
     features: torch.Tensor | None = None  # encoder output, kept only until decoded
 
@@ -381,6 +389,18 @@ def decoding_loop(text: str, compression_ratio: float, n_tokens: int, speech_s: 
         return False
     too_dense = len(text.strip()) > MAX_CHARS_PER_SPEECH_S * max(speech_s, CUT_FRAME_S)
     return too_dense or n_tokens >= sample_len
+
+
+def finished_early(w: "EncoderWindow", offset: int, speech: Sequence[tuple[int, int]], min_speech_s: float,
+                   unfinished_at: int | None) -> bool:
+    """Decode `w` again from `offset` (samples into it)? Always after an unfinished last segment (whisper.transcribe
+    seeks there); after finished text only when the VAD hears speech that starts after the text ended (Whisper's
+    end timestamps come early, so speech running on from the last segment is that segment's, not new speech)."""
+    if unfinished_at is not None:
+        return True
+    end = w.start + len(w.samples)
+    later = [(max(a, w.start + offset), min(b, end)) for a, b in speech if w.start + offset <= a < end]
+    return vad.speech_seconds(later) >= min_speech_s
 
 
 def timestamp_segments(tokens: Sequence[int], timestamp_begin: int) -> tuple[list[tuple[int, int, list[int]]], int | None]:
@@ -481,7 +501,8 @@ class WhisperASR(Extractor):
             clip.shared[RESULT_KEY] = ASRResult(speech=[(a / SAMPLE_RATE, b / SAMPLE_RATE) for a, b in speech])
             for start, end in clip_split(clip, c.vad_threshold):
                 speechy = vad.speech_seconds(speech, start, end) >= c.min_speech_s
-                windows.append(EncoderWindow(i, whisper_audio(clip)[start:end], decode=speechy, start=start))
+                windows.append(EncoderWindow(i, whisper_audio(clip)[start:end], decode=True, start=start,
+                                             vad_speech=speechy))
 
         decoded: list[EncoderWindow] = []
 
@@ -560,9 +581,9 @@ class WhisperASR(Extractor):
                 if pos is None:
                     continue
                 offset = pos * SAMPLES_PER_TIMESTAMP
-                speech = clip_speech(clips[w.clip], c.vad_threshold)
                 rest = w.samples[offset:]
-                if vad.speech_seconds(speech, w.start + offset, w.start + len(w.samples)) < c.min_speech_s:
+                if not finished_early(w, offset, clip_speech(clips[w.clip], c.vad_threshold), c.min_speech_s,
+                                      timestamp_segments(w.result.tokens, tokenizer.timestamp_begin)[1]):
                     continue
                 again.append(EncoderWindow(w.clip, rest, decode=True, start=w.start + offset, stats=False))
             if not again:
@@ -574,7 +595,7 @@ class WhisperASR(Extractor):
 
     def _resume_at(self, w: EncoderWindow, timestamp_begin: int) -> int | None:
         """The timestamp position (0.02 s steps) to decode `w` again from, or None when it is done."""
-        if self._skipped(w.result):
+        if self._skipped(w):
             return None
         pieces, next_pos = timestamp_segments(w.result.tokens, timestamp_begin)
         if next_pos is None:  # finished: decode again only when the VAD hears speech after the last segment
@@ -593,10 +614,15 @@ class WhisperASR(Extractor):
 
     # -- guard ------------------------------------------------------------------------------------------
 
-    def _skipped(self, result: Any) -> bool:
-        """whisper.transcribe's no-speech skip: a high no-speech probability AND a low mean logprob."""
-        c = self.config
-        return result.no_speech_prob > c.no_speech_threshold and result.avg_logprob < c.logprob_threshold
+    def _skipped(self, w: EncoderWindow) -> bool:
+        """No speech in the window's decode. Where the VAD heard speech: whisper.transcribe's skip rule (a high
+        no-speech probability AND a low mean logprob). Where it heard none, Whisper must say speech on both
+        of its scores (no-speech probability under its threshold AND mean logprob over its threshold):
+        shouted or laughing speech the VAD misses scores ~0.1 there, noise, hum and music 0.66 and up."""
+        c, r = self.config, w.result
+        if w.vad_speech:
+            return r.no_speech_prob > c.no_speech_threshold and r.avg_logprob < c.logprob_threshold
+        return not (r.no_speech_prob < c.no_speech_threshold and r.avg_logprob >= c.logprob_threshold)
 
     def _missing(self, clip: ClipInput, reason: str, diagnostics: dict[str, float]) -> ExtractorOutput:
         clip.transcript, clip.text_reason = "", reason
@@ -627,7 +653,7 @@ class WhisperASR(Extractor):
         out = WindowText(start=ws[0].start, end=ws[0].start + len(ws[0].samples))
         out.speech_s = vad.speech_seconds(speech, out.start, out.end)
         for k, w in enumerate(ws):
-            if self._skipped(w.result):
+            if self._skipped(w):
                 continue
             out.heard = True
             segments = self._segments(w, timestamp_begin)
