@@ -213,6 +213,18 @@ def test_speech_that_repeats_is_not_a_loop(whisper_asr: WhisperASR, speech: dict
     assert (out.transcript, out.reason) == (text, "")
 
 
+def test_speech_the_vad_misses_is_kept_on_whisper_confidence(whisper_asr: WhisperASR, speech: dict,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Speech silero-vad does not hear (it misses some shouted takes) keeps its text when Whisper's scores both
+    say speech; white noise in the same position, where Whisper's own skip rule alone would not suffice on
+    hiss and music, still gets none."""
+    monkeypatch.setattr(vad, "speech_segments", lambda audio, threshold=0.5: [])
+    clips = [make_clip(speech["hello"], "missed"), make_clip(white_noise(3.0), "noise")]
+    out = whisper_asr.extract(clips)
+    assert out[0].reason == "" and {"test", "transcription"} <= set(words(out[0].transcript))
+    assert (out[1].transcript, out[1].reason) == ("", "asr-no-speech")
+
+
 def test_decoding_loop_evidence() -> None:
     """Over the compression threshold alone is not a loop; with text denser than speech or a decode that ran
     to the token limit it is."""
