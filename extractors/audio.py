@@ -11,7 +11,8 @@ so their chunks are only batched with chunks of the same length; the others are 
 second). The ASR extractor leaves per-layer sums in `clip.shared`; without them (ASR not run, or another
 Whisper) the encoder runs here, on the same cached model instance.
 
-Audio is absent with the clip's `audio_reason` when there is none, and "silent" below `silence_rms_db`.
+Audio is absent with the clip's `audio_reason` when there is none, and "silent" for digital silence
+(extractors.vad: a quiet voice is still audio).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from pipeline.configuration import ConfigError
 logger = logging.getLogger(__name__)
 
 POOLING = "mean over real frames"
+RULES_VERSION = 2  # which clips are "silent", and how Whisper's input is scaled and windowed (extraction spec)
 
 
 def _missing(reason: str) -> ExtractorOutput:
@@ -58,7 +60,6 @@ class HFAudioConfig:
     layers: LayerSpec = "last"  # see extractors.pooling
     chunk_s: float = 20.0  # seconds per forward pass; longer audio is chunked
     min_chunk_s: float = 1.0  # a shorter tail joins the previous chunk instead of standing alone
-    silence_rms_db: float = -60.0  # dBFS; quieter clips are "silent"
     batch_size: int = 8  # chunks per forward pass
 
     def __post_init__(self) -> None:
@@ -114,6 +115,7 @@ class HFAudioEncoder(Extractor):
         fe = self.feature_extractor
         return {
             "extractor": self.name,
+            "rules": RULES_VERSION,
             "encoder": c.model,
             **self.identity,
             "layers": describe_layers(c.layers),
@@ -123,7 +125,7 @@ class HFAudioEncoder(Extractor):
             "attention_mask": self.use_attention_mask,
             "chunk_s": c.chunk_s,
             "min_chunk_s": c.min_chunk_s,
-            "silence_rms_db": c.silence_rms_db,
+            "silent_peak": vad.SILENT_PEAK,
             "dim": self.feature_dim,
         }
 
@@ -139,7 +141,7 @@ class HFAudioEncoder(Extractor):
         chunks: list[tuple[int, np.ndarray]] = []
         chunk, min_chunk = int(c.chunk_s * SAMPLE_RATE), int(c.min_chunk_s * SAMPLE_RATE)
         for i, clip in enumerate(clips):
-            reason = vad.audio_unusable_reason(clip, c.silence_rms_db)
+            reason = vad.audio_unusable_reason(clip)
             if not reason and int(self._frames(len(clip.audio))) < 1:
                 reason = f"too-short: {len(clip.audio)} samples"
             if reason:
@@ -203,7 +205,7 @@ class WhisperEncoderConfig:
 
     model: str = "base"  # as in the ASR config; "packaged:whisper-base" offline
     layers: LayerSpec = "mean-all"  # over the 7 hidden states of base: conv/positional input + 6 blocks
-    silence_rms_db: float = -60.0  # dBFS; quieter clips are "silent"
+    vad_threshold: float = vad.DEFAULT_THRESHOLD  # where audio over 30 s is cut (as the ASR's windows)
     batch_windows: int = 8  # 30 s windows per encoder batch when the encoder runs here
 
     def __post_init__(self) -> None:
@@ -235,6 +237,7 @@ class WhisperEncoderFeatures(Extractor):
         c = self.config
         return {
             "extractor": self.name,
+            "rules": RULES_VERSION,
             "encoder": c.model,
             "checkpoint_sha256": self.loaded.weights_sha256,
             "layers": describe_layers(c.layers),
@@ -242,7 +245,9 @@ class WhisperEncoderFeatures(Extractor):
             "sample_rate": SAMPLE_RATE,
             "window_s": asr.WINDOW_S,
             "window_search_s": asr.WINDOW_SEARCH_S,
-            "silence_rms_db": c.silence_rms_db,
+            **vad.identity(),
+            "vad_threshold": c.vad_threshold,
+            "silent_peak": vad.SILENT_PEAK,
             "dim": self.feature_dim,
         }
 
@@ -254,7 +259,7 @@ class WhisperEncoderFeatures(Extractor):
         outputs: list[ExtractorOutput | None] = [None] * len(clips)
         to_encode: list[int] = []
         for i, clip in enumerate(clips):
-            reason = vad.audio_unusable_reason(clip, c.silence_rms_db)
+            reason = vad.audio_unusable_reason(clip)
             if reason:
                 outputs[i] = _missing(reason)
                 continue
@@ -262,9 +267,9 @@ class WhisperEncoderFeatures(Extractor):
             if not (isinstance(stats, asr.EncoderStats) and stats.model_key == self.loaded.key):
                 to_encode.append(i)
         if to_encode:
-            windows = [asr.EncoderWindow(k, clips[i].audio[s:e], decode=False)
+            windows = [asr.EncoderWindow(k, asr.whisper_audio(clips[i])[s:e], decode=False, start=s)
                        for k, i in enumerate(to_encode)
-                       for s, e in asr.split_windows(len(clips[i].audio), clips[i].audio)]
+                       for s, e in asr.clip_split(clips[i], c.vad_threshold)]
             for i, stats in zip(to_encode, asr.encode_windows(self.loaded, windows, len(to_encode),
                                                                c.batch_windows)):
                 clips[i].shared[asr.SHARED_KEY] = stats

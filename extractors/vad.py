@@ -1,26 +1,41 @@
-"""Energy and spectral-shape checks that decide whether a clip holds speech at all, before any model runs.
+"""Whether a clip holds any sound, and where its speech is: digital silence and silero-vad.
 
-Whisper hallucinates text ("Thank you.", "you") on silence and noise, and its own no-speech score does not
-always catch it (on digital silence it is confident in "you"). Two cheap checks run first:
+- silence: a clip is "silent" when no sample rises above SILENT_PEAK, two steps of 16-bit PCM (digital
+  silence, dithered or not). That is the only level rule: a quiet voice is still a voice, and whether a
+  recording holds speech is decided relative to the recording, by the voice activity detector.
+- speech: silero-vad (MIT; its PyPI wheel ships the weights and needs only torch) scores every 32 ms of
+  16 kHz audio; `get_speech_timestamps_from_probs` turns the scores into speech segments with silero's
+  defaults (threshold 0.5, segments of at least 250 ms, 100 ms of silence to end one, 30 ms padding). The
+  clip is first scaled to a fixed peak (PEAK_TARGET), so a soft-spoken recording at -60 dBFS is scored like
+  a loud one: the decision depends on the shape of the sound (voice against noise floor), not its level.
 
-- loudness: the clip's RMS level in dBFS; below `silence_rms_db` the clip is "silent";
-- a frame-level voice activity estimate: a 30 ms frame counts as speech when it is above the loudness floor
-  AND either harmonic (low spectral flatness in 100-4000 Hz, as voiced speech is) or well above the clip's
-  own noise floor (speech is modulated, steady noise is not). White or pink noise scores ~0, speech ~0.7.
+Steady noise (hiss, hum, fans, room tone), clicks and instrumental music score far below the threshold
+(benchmarks/asr_guard.py lists 13 kinds at three levels); speech scores near 1.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import threading
+from typing import Any
+
 import numpy as np
+import torch
 
 from extractors.base import SAMPLE_RATE, ClipInput
 
-FRAME_S = 0.03  # seconds per analysis frame
-BAND_HZ = (100.0, 4000.0)  # where voiced speech carries its harmonics
-MAX_FLATNESS = 0.3  # spectral flatness below this is "harmonic" (white noise ~0.58, voiced speech ~0.03)
-FLOOR_PERCENTILE = 10.0  # the clip's noise floor: this percentile of frame levels
-ABOVE_FLOOR_DB = 10.0  # a frame this far above the floor counts as speech whatever its spectrum
-_EPS = 1e-12
+SILENT_PEAK = 2.0 / 32768  # full scale = 1.0; a clip that never exceeds two 16-bit steps holds nothing
+PEAK_TARGET = 0.5  # the clip's peak is scaled to this before the VAD scores it
+VAD_FRAME = 512  # samples per silero score at 16 kHz (32 ms)
+DEFAULT_THRESHOLD = 0.5  # silero's default speech probability threshold
+
+_MODEL: Any = None
+_LOCK = threading.Lock()
+
+
+def is_silent(audio: np.ndarray) -> bool:
+    """True for an empty clip or digital silence (no sample above SILENT_PEAK)."""
+    return audio.size == 0 or float(np.max(np.abs(audio))) <= SILENT_PEAK
 
 
 def rms_db(audio: np.ndarray) -> float:
@@ -31,55 +46,66 @@ def rms_db(audio: np.ndarray) -> float:
     return 10.0 * np.log10(power) if power > 0 else float("-inf")
 
 
-def is_silent(audio: np.ndarray, silence_rms_db: float) -> bool:
-    """True for digital silence, an empty clip, or a level below `silence_rms_db` dBFS."""
-    return rms_db(audio) < silence_rms_db
-
-
-def _frames(audio: np.ndarray, sample_rate: int) -> np.ndarray:
-    size = int(round(FRAME_S * sample_rate))
-    n = len(audio) // size
-    return audio[: n * size].reshape(n, size).astype(np.float64)
-
-
-def speech_frames(audio: np.ndarray, silence_rms_db: float, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """One bool per 30 ms frame: does it look like speech (see the module docstring)."""
-    frames = _frames(audio, sample_rate)
-    if len(frames) == 0:
-        return np.zeros(0, dtype=bool)
-    level_db = 10.0 * np.log10(np.mean(frames**2, axis=1) + _EPS)
-    window = np.hanning(frames.shape[1])
-    power = np.abs(np.fft.rfft(frames * window, axis=1)) ** 2 + _EPS
-    freqs = np.fft.rfftfreq(frames.shape[1], 1.0 / sample_rate)
-    band = power[:, (freqs >= BAND_HZ[0]) & (freqs <= BAND_HZ[1])]
-    flatness = np.exp(np.mean(np.log(band), axis=1)) / np.mean(band, axis=1)
-    floor_db = np.percentile(level_db, FLOOR_PERCENTILE)
-    loud = level_db > silence_rms_db
-    voiced = (flatness < MAX_FLATNESS) | (level_db > floor_db + ABOVE_FLOOR_DB)
-    return loud & voiced
-
-
-def speech_ratio(audio: np.ndarray, silence_rms_db: float, sample_rate: int = SAMPLE_RATE) -> float:
-    """Fraction of 30 ms frames that look like speech; 0.0 for audio under 30 ms."""
-    frames = speech_frames(audio, silence_rms_db, sample_rate)
-    return float(frames.mean()) if len(frames) else 0.0
-
-
-def has_speech(audio: np.ndarray, silence_rms_db: float, min_ratio: float, min_seconds: float,
-               sample_rate: int = SAMPLE_RATE) -> bool:
-    """At least `min_seconds` of speech-like frames, making up at least `min_ratio` of the audio."""
-    frames = speech_frames(audio, silence_rms_db, sample_rate)
-    if len(frames) == 0:
-        return False
-    return frames.sum() * FRAME_S >= min_seconds and frames.mean() >= min_ratio
-
-
-def audio_unusable_reason(clip: ClipInput, silence_rms_db: float) -> str:
+def audio_unusable_reason(clip: ClipInput) -> str:
     """Why a clip's audio cannot be used at all: its decoder's reason, "silent", or "" when it is usable."""
     if clip.audio is None:
         return clip.audio_reason or "no-audio"
     if clip.audio_reason:
         return clip.audio_reason
-    if is_silent(clip.audio, silence_rms_db):
+    if is_silent(clip.audio):
         return "silent"
     return ""
+
+
+def identity() -> dict[str, str]:
+    """What identifies the detector in an extraction spec (its package version pins the shipped weights)."""
+    return {"vad": "silero-vad", "vad_version": importlib.metadata.version("silero-vad")}
+
+
+def _model() -> Any:
+    """silero-vad's TorchScript model, loaded once. Importing silero_vad sets torch's thread count to 1;
+    the caller's setting is put back."""
+    global _MODEL
+    with _LOCK:
+        if _MODEL is None:
+            threads = torch.get_num_threads()
+            from silero_vad import load_silero_vad
+
+            _MODEL = load_silero_vad()
+            torch.set_num_threads(threads)
+    return _MODEL
+
+
+def speech_probabilities(audio: np.ndarray) -> np.ndarray:
+    """silero-vad's speech probability for every VAD_FRAME samples of `audio` (mono float32, 16 kHz), after
+    scaling the clip to PEAK_TARGET. Returns float32 [ceil(n / VAD_FRAME)]."""
+    if audio.size == 0:
+        return np.zeros(0, np.float32)
+    peak = float(np.max(np.abs(audio)))
+    scaled = audio * (PEAK_TARGET / peak) if peak > 0 else audio
+    model = _model()
+    with _LOCK, torch.inference_mode():
+        model.reset_states()
+        probs = model.audio_forward(torch.from_numpy(np.ascontiguousarray(scaled, np.float32))[None], SAMPLE_RATE)
+    return probs[0].float().numpy()
+
+
+def speech_segments(audio: np.ndarray, threshold: float = DEFAULT_THRESHOLD) -> list[tuple[int, int]]:
+    """Speech in `audio` as [start, end) sample ranges (silero's segmentation of its scores)."""
+    from silero_vad import get_speech_timestamps_from_probs
+
+    if is_silent(audio):
+        return []
+    probs = speech_probabilities(audio)
+    stamps = get_speech_timestamps_from_probs(probs.tolist(), sampling_rate=SAMPLE_RATE, threshold=threshold,
+                                              audio_length_samples=len(audio))
+    return [(int(s["start"]), int(s["end"])) for s in stamps]
+
+
+def speech_seconds(segments: list[tuple[int, int]], start: int = 0, end: int | None = None) -> float:
+    """Seconds of speech of `segments` inside the sample range [start, end)."""
+    total = 0
+    for a, b in segments:
+        lo, hi = max(a, start), min(b, end) if end is not None else b
+        total += max(0, hi - lo)
+    return total / SAMPLE_RATE

@@ -5,11 +5,23 @@ passes over the file so that the video pass can seek past long stretches it does
 pass still sees every packet. Only sampled frames are converted to RGB (and scaled by swscale on the way);
 the rest are decoded and dropped.
 
+What a player would show and play is what the extractors get (the rules are versioned by RULES_VERSION, which
+is part of the extraction spec):
+
+- streams: of several audio or video streams, attached pictures and thumbnails (FFmpeg's `attached_pic` /
+  `timed_thumbnails` dispositions, or a video stream of a single frame) and audio meant for other audiences
+  (`comment`, `visual_impaired`, `descriptions`) are passed over unless nothing else is there; of the rest,
+  the one with the `default` disposition, else FFmpeg's best stream (`av_find_best_stream`), else the first;
+- orientation: the display matrix a frame carries (phone videos store frames sideways and say how to turn
+  them) is applied to the sampled frames, rotations and mirrorings alike;
+- stills: a frame stays on screen until the next one or the end of the clip, so a video stream of one frame
+  (or a slideshow) gives a frame for every sampled time;
+- channels: see `mix_channels` (a phase-inverted channel must not cancel the voice).
+
 What cannot be decoded is reported, not raised, per modality: a missing stream gives `no-audio-stream` /
 `no-video-stream`, a stream that fails gives `decode-error: <FFmpeg text>`. A file that cannot be opened at
-all, or where no stream decodes, raises `DecodeError`.
+all, or where no stream decodes, raises `DecodeError` (its message does not repeat the path; callers name it).
 """
-
 from __future__ import annotations
 
 import logging
@@ -25,8 +37,18 @@ from extractors.base import SAMPLE_RATE, ClipInput
 
 log = logging.getLogger(__name__)
 
+RULES_VERSION = 2  # bump when a rule above changes what a clip decodes to (part of the extraction spec)
 NOT_MEDIA_FORMATS = frozenset({"tty"})  # FFmpeg demuxers that accept plain text files as "video"
 SEEK_GAP_S = 4.0  # seconds; seek instead of decoding through when the next sample is further ahead than this
+LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/"  # what a Git LFS clone leaves without `lfs pull`
+LFS_POINTER_MAX_BYTES = 1024  # pointer files are ~130 bytes
+PICTURE_DISPOSITIONS = ("attached_pic", "timed_thumbnails")  # FFmpeg's flags for cover art and thumbnails
+SIDE_AUDIO_DISPOSITIONS = ("comment", "visual_impaired", "descriptions")  # commentary, audio description
+FRAME_S = 0.03  # seconds per analysis frame of the channel mix
+SILENT_PEAK = 1.0 / 32768  # one step of 16-bit PCM: a channel that never exceeds it holds nothing
+STEADY_SPREAD_DB = 6.0  # a channel whose frame levels spread less than this holds a steady sound only ...
+MODULATED_SPREAD_DB = 15.0  # ... and is left out of the mix when another channel's spread exceeds this
+ANTI_PHASE = -0.2  # a channel correlated below this with the reference channel is inverted before mixing
 
 
 class DecodeError(RuntimeError):
@@ -62,21 +84,45 @@ def _ffmpeg_text(err: BaseException) -> str:
     return " ".join(str(text).split())
 
 
-def _open(path: Path) -> av.container.InputContainer:
+def lfs_pointer(path: Path) -> bool:
+    """True when `path` is a Git LFS pointer file (the media was never fetched: `git lfs pull`)."""
+    try:
+        if path.stat().st_size > LFS_POINTER_MAX_BYTES:
+            return False
+        with open(path, "rb") as fh:
+            return fh.read(len(LFS_POINTER_PREFIX)) == LFS_POINTER_PREFIX
+    except OSError:
+        return False
+
+
+def unreadable_reason(path: Path) -> str:
+    """Why `path` cannot be media before FFmpeg is asked ("" when it may be): missing, a dangling link, ..."""
+    if path.is_symlink() and not path.exists():
+        return ("a link to content that is not here (a git-annex/DataLad dataset without its data: "
+                "`datalad get` or `git annex get` fetches it)")
     if not path.exists():
-        raise DecodeError(f"{path}: no such file")
+        return "no such file"
     if path.is_dir():
-        raise DecodeError(f"{path}: is a directory, not a media file")
+        return "is a directory, not a media file"
     if path.stat().st_size == 0:
-        raise DecodeError(f"{path}: empty file (0 bytes)")
+        return "empty file (0 bytes)"
+    if lfs_pointer(path):
+        return "a Git LFS pointer, not the media itself (the dataset was cloned without its LFS files: `git lfs pull`)"
+    return ""
+
+
+def _open(path: Path) -> av.container.InputContainer:
+    reason = unreadable_reason(path)
+    if reason:
+        raise DecodeError(reason)
     try:
         container = av.open(str(path), mode="r")
     except (av.FFmpegError, UnicodeDecodeError, OSError) as err:
-        raise DecodeError(f"{path}: cannot open: {_ffmpeg_text(err)}") from err
+        raise DecodeError(f"cannot open: {_ffmpeg_text(err)}") from err
     fmt = container.format.name
     if fmt in NOT_MEDIA_FORMATS:
         container.close()
-        raise DecodeError(f"{path}: not a media file (FFmpeg reads it as {fmt!r} text)")
+        raise DecodeError(f"not a media file (FFmpeg reads it as {fmt!r} text)")
     return container
 
 
@@ -95,30 +141,74 @@ def _duration(container: av.container.InputContainer) -> float | None:
     return max(spans) if spans else None
 
 
+# ------------------------------------------------------------------------------------ stream choice
+
+def _flagged(stream: av.stream.Stream, names: tuple[str, ...]) -> bool:
+    disposition = stream.disposition
+    return any(disposition & getattr(av.stream.Disposition, n) for n in names)
+
+
+def is_picture(stream: av.stream.Stream) -> bool:
+    """A video stream that is cover art or a thumbnail, not footage: FFmpeg flags it, or it holds one frame."""
+    return _flagged(stream, PICTURE_DISPOSITIONS) or stream.frames == 1
+
+
+def choose_stream(container: av.container.InputContainer, kind: str) -> av.stream.Stream | None:
+    """The audio or video stream a player would use (see the module doc); None when there is none.
+
+    Video streams that are only pictures are never chosen (a file with nothing else has no video).
+    """
+    streams = list(container.streams.audio if kind == "audio" else container.streams.video)
+    if kind == "video":
+        candidates = [s for s in streams if not is_picture(s)]
+    else:
+        candidates = [s for s in streams if not _flagged(s, SIDE_AUDIO_DISPOSITIONS)] or streams
+    if len(candidates) <= 1:
+        return candidates[0] if candidates else None
+    defaults = [s for s in candidates if s.disposition & av.stream.Disposition.default]
+    if len(defaults) == 1:
+        return defaults[0]
+    pool = defaults or candidates
+    try:
+        best = container.streams.best(kind)
+    except (av.FFmpegError, ValueError):
+        best = None
+    return best if best is not None and any(best.index == s.index for s in pool) else pool[0]
+
+
+def _picture_only(container: av.container.InputContainer) -> bool:
+    return bool(container.streams.video) and all(is_picture(s) for s in container.streams.video)
+
+
 def probe(path: str | Path) -> dict[str, Any]:
-    """Streams and duration of a media file without decoding it."""
+    """Streams and duration of a media file without decoding it (the streams `decode_clip` would use)."""
     path = Path(path)
     with _open(path) as container:
-        audio = container.streams.audio[0] if container.streams.audio else None
-        video = container.streams.video[0] if container.streams.video else None
+        audio = choose_stream(container, "audio")
+        video = choose_stream(container, "video")
         info: dict[str, Any] = {
             "duration_s": _duration(container),
             "format": container.format.name,
             "has_audio": audio is not None,
             "has_video": video is not None,
+            "streams": {"audio": len(container.streams.audio), "video": len(container.streams.video)},
             "codecs": {},
         }
         if audio is not None:
+            info["audio_stream"] = audio.index
             info["codecs"]["audio"] = audio.codec_context.name
             info["sample_rate"] = audio.codec_context.sample_rate
             info["channels"] = audio.codec_context.channels
         if video is not None:
+            info["video_stream"] = video.index
             info["codecs"]["video"] = video.codec_context.name
             info["width"], info["height"] = video.codec_context.width, video.codec_context.height
             rate = video.average_rate or video.guessed_rate
             info["fps"] = float(rate) if rate else None
         return info
 
+
+# ------------------------------------------------------------------------------------------- audio
 
 def resample_audio(samples: np.ndarray, sample_rate: int, target_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Mono float32 `samples` at `sample_rate` -> mono float32 at `target_rate`, with FFmpeg's resampler."""
@@ -133,19 +223,80 @@ def resample_audio(samples: np.ndarray, sample_rate: int, target_rate: int = SAM
     return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
 
 
-def decode_audio(path: Path) -> np.ndarray:
-    """All audio of the first audio stream as mono float32 at 16 kHz. Raises av.FFmpegError on failure."""
-    resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+def _frame_levels_db(x: np.ndarray) -> np.ndarray:
+    """Level in dB of each FRAME_S frame of every channel: [C, n_frames] (at least one frame)."""
+    size = int(FRAME_S * SAMPLE_RATE)
+    n = max(1, x.shape[1] // size)
+    frames = np.zeros((x.shape[0], n * size), np.float64)
+    frames[:, : min(x.shape[1], n * size)] = x[:, : n * size]
+    power = np.mean(frames.reshape(x.shape[0], n, size) ** 2, axis=2)
+    return 10.0 * np.log10(power + 1e-20)
+
+
+def mix_channels(x: np.ndarray, names: tuple[str, ...] = ()) -> np.ndarray:
+    """Channels [C, n] float32 -> mono [n]: the mean of the channels that carry sound, polarity-aligned.
+
+    A plain mean (FFmpeg's downmix) cancels a voice recorded in anti-phase (R = -L, a miswired microphone)
+    and halves one that is on a single channel. Here:
+
+    - channels that hold nothing (never above one 16-bit step) and LFE are left out;
+    - a channel whose level stays steady (frame levels spread < STEADY_SPREAD_DB between their 10th and 95th
+      percentiles: hiss, hum, an unplugged input) is left out when another channel is modulated (spread >
+      MODULATED_SPREAD_DB, as speech with its pauses is);
+    - each remaining channel is inverted when it is anti-correlated with the most modulated one.
+
+    The spread is a channel's own dynamic range, so the decision does not depend on the recording's level.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim == 1 or x.shape[0] == 1:
+        return np.ascontiguousarray(x.reshape(-1))
+    keep = [c for c in range(x.shape[0])
+            if float(np.max(np.abs(x[c]), initial=0.0)) > SILENT_PEAK
+            and not (c < len(names) and names[c] == "LFE")]
+    if not keep:
+        return np.ascontiguousarray(x.mean(axis=0))
+    levels = _frame_levels_db(x[keep])
+    spread = np.percentile(levels, 95, axis=1) - np.percentile(levels, 10, axis=1)
+    if spread.max() > MODULATED_SPREAD_DB:
+        kept = [(c, s) for c, s in zip(keep, spread) if s >= STEADY_SPREAD_DB]
+        keep = [c for c, _ in kept]
+        spread = np.array([s for _, s in kept])
+    reference = x[keep[int(np.argmax(spread))]].astype(np.float64)
+    mono = np.zeros(x.shape[1], np.float64)
+    for c in keep:
+        channel = x[c].astype(np.float64)
+        denominator = math.sqrt(float(np.dot(channel, channel)) * float(np.dot(reference, reference)))
+        correlation = float(np.dot(channel, reference)) / denominator if denominator > 0 else 0.0
+        mono += -channel if correlation < ANTI_PHASE else channel
+    return (mono / len(keep)).astype(np.float32)
+
+
+def decode_audio(path: Path, stream_index: int | None = None) -> np.ndarray:
+    """All audio of one stream (default: `choose_stream`'s) as mono float32 at 16 kHz, mixed by `mix_channels`.
+
+    Raises av.FFmpegError on failure.
+    """
     chunks: list[np.ndarray] = []
     with av.open(str(path), mode="r") as container:
-        stream = container.streams.audio[0]
+        stream = container.streams[stream_index] if stream_index is not None else choose_stream(container, "audio")
+        if stream is None:
+            raise av.error.StreamNotFoundError(0, "no audio stream")
         stream.thread_type = "AUTO"
+        # FFmpeg's resampler keeps the channels (planar float); they are mixed here, not averaged by FFmpeg
+        resampler = av.AudioResampler(format="fltp", rate=SAMPLE_RATE)
+        names: tuple[str, ...] = ()
         for frame in container.decode(stream):
             frame.pts = None  # let the resampler count samples itself; broken pts must not stall it
-            chunks.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(frame))
-        chunks.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(None))
-    return np.concatenate(chunks).astype(np.float32, copy=False) if chunks else np.zeros(0, np.float32)
+            names = names or tuple(ch.name for ch in frame.layout.channels)
+            chunks.extend(f.to_ndarray() for f in resampler.resample(frame))
+        chunks.extend(f.to_ndarray() for f in resampler.resample(None))
+    if not chunks:
+        return np.zeros(0, np.float32)
+    width = min(c.shape[0] for c in chunks)  # a layout change mid-stream keeps the channels all frames have
+    return mix_channels(np.concatenate([c[:width] for c in chunks], axis=1), names)
 
+
+# ------------------------------------------------------------------------------------------- video
 
 def sample_times(duration_s: float, cfg: DecodeConfig) -> np.ndarray:
     """Target times: `fps` per second, at least 1, at most `max_frames`, at the centres of equal spans."""
@@ -158,26 +309,66 @@ def _scaled_size(width: int, height: int, max_side: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def decode_frames(path: Path, targets: np.ndarray, max_side: int) -> tuple[np.ndarray, np.ndarray]:
-    """For each target time, the last frame shown at or before it (the first frame for early targets).
+def display_matrix(frame: av.VideoFrame) -> tuple[int, int, int, int] | None:
+    """The orientation part (a, b, c, d) of the frame's display matrix as signs -1/0/1, or None when absent.
 
-    Returns uint8 RGB [T, H, W, 3] and their times [T] (seconds from the stream start). Targets after the
-    last frame has left the screen get nothing, so a video stream shorter than the clip gives fewer frames
-    rather than copies of its last one. Raises av.FFmpegError on failure.
+    FFmpeg's display matrix maps a stored pixel (x, y) (y downwards) to its displayed place
+    x' = a*x + c*y, y' = b*x + d*y (libavutil/display.h). A matrix that is not a quarter turn (with or
+    without a mirror) is snapped to the nearest one.
+    """
+    for data in frame.side_data:
+        if data.type == av.sidedata.sidedata.Type.DISPLAYMATRIX:
+            m = np.frombuffer(bytes(data), "<i4").astype(np.float64) / 65536.0
+            a, b, c, d = m[0], m[1], m[3], m[4]
+            if abs(a) + abs(d) >= abs(b) + abs(c):  # no axis swap
+                return int(np.sign(a)) or 1, 0, 0, int(np.sign(d)) or 1
+            return 0, int(np.sign(b)) or 1, int(np.sign(c)) or 1, 0
+    return None
+
+
+def orient(image: np.ndarray, matrix: tuple[int, int, int, int] | None) -> np.ndarray:
+    """`image` [H, W, 3] as displayed under `display_matrix`'s (a, b, c, d): rotated and/or mirrored."""
+    if matrix is None or matrix == (1, 0, 0, 1):
+        return image
+    a, b, c, d = matrix
+    if a == 0:  # x' = c*y, y' = b*x: rows become columns
+        out = image.transpose(1, 0, 2)
+        if b < 0:
+            out = out[::-1]
+        if c < 0:
+            out = out[:, ::-1]
+    else:
+        out = image
+        if a < 0:
+            out = out[:, ::-1]
+        if d < 0:
+            out = out[::-1]
+    return np.ascontiguousarray(out)
+
+
+def decode_frames(path: Path, targets: np.ndarray, max_side: int, stream_index: int | None = None,
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """For each target time, the frame on screen then: the last one shown at or before it.
+
+    A frame stays on screen until the next one, and the last one until the end of the clip (a still picture
+    or a video stream shorter than the audio keeps showing its last frame, as players do); targets before the
+    first frame get the first. Frames are turned as their display matrix says. Returns uint8 RGB
+    [T, H, W, 3] and the times the frames appeared [T] (seconds from the stream start). Raises
+    av.FFmpegError on failure.
     """
     frames: list[np.ndarray] = []
     times: list[float] = []
     with av.open(str(path), mode="r") as container:
-        stream = container.streams.video[0]
+        stream = container.streams[stream_index] if stream_index is not None else choose_stream(container, "video")
+        if stream is None:
+            raise av.error.StreamNotFoundError(0, "no video stream")
         stream.thread_type = "AUTO"
         start = _seconds(stream.start_time, stream.time_base) or 0.0
         size = _scaled_size(stream.codec_context.width, stream.codec_context.height, max_side)
-        rate = stream.average_rate or stream.guessed_rate
-        period = 1.0 / float(rate) if rate else 0.5  # seconds a frame stays on screen when it does not say
 
         def take(frame: av.VideoFrame, t: float) -> None:
             rgb = frame.reformat(width=size[0], height=size[1], format="rgb24")
-            frames.append(rgb.to_ndarray())
+            frames.append(orient(rgb.to_ndarray(), display_matrix(frame)))
             times.append(t)
 
         k = 0
@@ -203,12 +394,10 @@ def decode_frames(path: Path, targets: np.ndarray, max_side: int) -> tuple[np.nd
                 if k >= len(targets) or (targets[k] - t > SEEK_GAP_S and seeked_for != k):
                     break
             else:
-                # End of stream: the last frame covers the targets that fall while it is still shown.
+                # End of stream: the last frame stays on screen to the end of the clip.
                 if previous is not None:
-                    last, t_last = previous
-                    shown = _seconds(last.duration, last.time_base) or period
-                    while k < len(targets) and targets[k] <= t_last + shown + 1e-6:
-                        take(last, t_last)
+                    while k < len(targets):
+                        take(*previous)
                         k += 1
                 break
     if not frames:
@@ -216,22 +405,28 @@ def decode_frames(path: Path, targets: np.ndarray, max_side: int) -> tuple[np.nd
     return np.stack(frames), np.asarray(times, dtype=np.float32)
 
 
+# -------------------------------------------------------------------------------------------- clips
+
 def decode_clip(path: str | Path, clip_id: str, cfg: DecodeConfig | None = None) -> ClipInput:
     """Decode one clip into the extractors' input; per-modality failures become reasons, see module doc."""
     cfg = cfg or DecodeConfig()
     path = Path(path)
     with _open(path) as container:
-        has_audio = bool(container.streams.audio)
-        has_video = bool(container.streams.video)
+        audio_stream = choose_stream(container, "audio")
+        video_stream = choose_stream(container, "video")
+        audio_index = audio_stream.index if audio_stream is not None else None
+        video_index = video_stream.index if video_stream is not None else None
+        picture_only = _picture_only(container)
         duration = _duration(container)
-    if not has_audio and not has_video:
-        raise DecodeError(f"{path}: no audio or video stream")
+    if audio_index is None and video_index is None:
+        raise DecodeError("only a still picture, no audio or video to extract" if picture_only
+                          else "no audio or video stream")
 
     audio: np.ndarray | None = None
     audio_reason = "no-audio-stream"
-    if has_audio:
+    if audio_index is not None:
         try:
-            audio = decode_audio(path)
+            audio = decode_audio(path, audio_index)
             audio_reason = ""
             if audio.size == 0:
                 audio, audio_reason = None, "decode-error: the audio stream has no decodable samples"
@@ -243,10 +438,11 @@ def decode_clip(path: str | Path, clip_id: str, cfg: DecodeConfig | None = None)
 
     frames: np.ndarray | None = None
     frame_times: np.ndarray | None = None
-    frames_reason = "no-video-stream"
-    if has_video:
+    frames_reason = "no-video-stream: only a still picture (cover art or thumbnail)" if picture_only \
+        else "no-video-stream"
+    if video_index is not None:
         try:
-            frames, frame_times = decode_frames(path, sample_times(duration, cfg), cfg.max_side)
+            frames, frame_times = decode_frames(path, sample_times(duration, cfg), cfg.max_side, video_index)
             frames_reason = ""
             if len(frames) == 0:
                 frames, frame_times = None, None
@@ -258,7 +454,7 @@ def decode_clip(path: str | Path, clip_id: str, cfg: DecodeConfig | None = None)
     if audio is None and frames is None and (audio_reason.startswith("decode-error") or
                                              frames_reason.startswith("decode-error")):
         reasons = "; ".join(r for r in (audio_reason, frames_reason) if r.startswith("decode-error"))
-        raise DecodeError(f"{path}: nothing decodes ({reasons})")
+        raise DecodeError(f"nothing decodes ({reasons})")
 
     if duration < cfg.min_duration_s:
         reason = f"too-short: {duration:.2f}s < {cfg.min_duration_s:g}s"

@@ -12,11 +12,14 @@ A clip never stops the run: a decode failure or an extractor exception makes tha
 
 The extraction spec stored in the file (and in checkpoints) is::
 
-    {"schema_version": 1, "decode": {...DecodeConfig...}, "plugins": [...],
+    {"schema_version": 1, "rules": {"decode": <pipeline.decode.RULES_VERSION>},
+     "decode": {...DecodeConfig...}, "plugins": [...],
      "asr"|"audio"|"text"|"visual": {"name": <registered name>, "config": {...resolved extractor config...},
-                                      "spec": <extractor.spec()>}}
+                                      "spec": <extractor.spec()>, with "rules": <version> where it has rules}}
 
 `Extraction.from_spec` rebuilds the extractors from it and refuses when the rebuilt spec hashes differently.
+A store or checkpoint made under other decoding or ASR rules (`rules_mismatch`) is refused with "re-extract":
+its features are not what this version would compute, and mixing them would be silent.
 
 Distributed runs (`run_sharded_extraction`, under torchrun or `comp-extract --nproc N`): every rank extracts a
 stable share of the clips on its own device into its own part store (`<out>.parts/rank-<r>-of-<N>.h5`, the
@@ -48,6 +51,7 @@ import torch
 
 from extractors.base import ClipInput, Extractor, ExtractorOutput, ProgressHook
 from pipeline.configuration import ConfigError, from_dict, to_dict
+from pipeline.decode import RULES_VERSION as DECODE_RULES
 from pipeline.decode import DecodeConfig, DecodeError, decode_clip
 from pipeline.distributed import DistributedError, Job, agree, all_gather, run_on_main
 from pipeline import devices
@@ -55,7 +59,7 @@ from pipeline.extract_config import (STAGE_NAMES, ExtractionConfig, StageConfig,
                                      extractor_config, import_plugins)
 from pipeline.inputs import ClipItem, InputError, check_unique_ids, infer_task
 from pipeline.store import (MODALITIES, SCHEMA_VERSION, ClipRecord, ModalityInfo, ModalityValue, StoreError,
-                            StoreData, StoreHeader, StoreWriter, read_store, spec_hash)
+                            StoreData, StoreHeader, StoreWriter, read_header, read_store, spec_hash)
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +81,28 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return devices.resolve_device(device)
     except ValueError as err:
         raise ExtractionError(str(err)) from None
+
+
+def spec_rules(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The rule versions an extraction spec was made under: decoding, and each stage that declares some."""
+    rules = {"decode": (spec.get("rules") or {}).get("decode")}
+    for stage in STAGE_NAMES:
+        stage_spec = (spec.get(stage) or {}).get("spec") or {}
+        if "rules" in stage_spec:
+            rules[stage] = stage_spec["rules"]
+    return rules
+
+
+def rules_mismatch(stored: Mapping[str, Any], current: Mapping[str, Any]) -> str:
+    """"" when both specs follow the same decoding/ASR rules, else a sentence that says to re-extract."""
+    old, new = spec_rules(stored), spec_rules(current)
+    differ = [k for k in {**old, **new} if old.get(k) != new.get(k)]
+    if not differ:
+        return ""
+    versions = ", ".join(f"{k} rules {old.get(k) or 'unversioned'} (here {new.get(k) or 'unversioned'})"
+                         for k in differ)
+    return (f"its features were extracted under older rules ({versions}): this comp-mer decodes and "
+            "transcribes differently, so they must not be mixed with new ones; re-extract")
 
 
 def _short(text: str) -> str:
@@ -102,6 +128,7 @@ class Extraction:
         self.device = torch.device(device)
         self.spec: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION,
+            "rules": {"decode": DECODE_RULES},
             "decode": to_dict(cfg.decode),
             "plugins": list(cfg.plugins),
             **{s: {"name": cfg.stage(s).name, "config": to_dict(self.extractors[s].config),
@@ -160,6 +187,9 @@ class Extraction:
         except (ConfigError, KeyError, TypeError) as err:
             raise ExtractionError(f"the stored extraction spec cannot be honoured: {err}") from err
         extraction = cls.from_config(cfg, device)
+        outdated = rules_mismatch(spec, extraction.spec)
+        if outdated:
+            raise ExtractionError(f"{outdated} the clips (comp-extract) and retrain")
         if extraction.spec_hash != spec_hash(spec):
             differ = [k for k in sorted(set(spec) | set(extraction.spec)) if spec.get(k) != extraction.spec.get(k)]
             details = "; ".join(f"{k}: stored {spec.get(k)!r} vs here {extraction.spec.get(k)!r}"
@@ -393,6 +423,7 @@ class ExtractionSummary:
     stage_s: dict[str, float] = field(default_factory=dict)
     failures_path: Path | None = None
     missing_path: Path | None = None
+    skipped_files: str = ""  # files of the input folder that are not clips, by kind (`Inputs.skipped_summary`)
 
     @property
     def clips_per_s(self) -> float:
@@ -424,6 +455,8 @@ class ExtractionSummary:
                          "that could not be extracted)")
         if self.missing_path is not None:
             lines.append(f"missing    {self.missing_path}  (absent modalities of extracted clips, with reasons)")
+        if self.skipped_files:
+            lines.append(f"not clips  {self.skipped_files}")
         return "\n".join(lines)
 
 
@@ -451,6 +484,20 @@ def check_writable(out_path: str | Path) -> None:
         raise StoreError(f"cannot write to {out.parent}: {err.strerror or err}") from err
 
 
+def check_rules(out_path: str | Path, spec: Mapping[str, Any]) -> None:
+    """StoreError when the store at `out_path` was extracted under other decoding/ASR rules than `spec`."""
+    out_path = Path(out_path)
+    if not out_path.is_file():
+        return
+    try:
+        stored = read_header(out_path).extraction_spec
+    except Exception:  # noqa: BLE001 - an unreadable store is StoreWriter's to report
+        return
+    outdated = rules_mismatch(stored, spec) if stored is not None else ""
+    if outdated:
+        raise StoreError(f"{out_path}: {outdated} into a new file, or pass --overwrite to redo this one")
+
+
 def run_extraction(items: Sequence[ClipItem], out_path: str | Path, cfg: ExtractionConfig, *,
                    device: torch.device | str = "cpu", overwrite: bool = False, retry_failed: bool = False,
                    progress: ProgressHook | None = None, task: str | None = None,
@@ -472,6 +519,8 @@ def run_extraction(items: Sequence[ClipItem], out_path: str | Path, cfg: Extract
         extraction = Extraction.from_config(cfg, device)
     header = StoreHeader(task=task, label_names=label_names, modalities=extraction.header_modalities,
                          extraction_spec=extraction.spec)
+    if not overwrite:
+        check_rules(out_path, extraction.spec)
     if overwrite:
         shutil.rmtree(parts_dir_for(out_path), ignore_errors=True)
     writer = StoreWriter(out_path, header, overwrite=overwrite)
@@ -705,6 +754,8 @@ def run_sharded_extraction(items: Sequence[ClipItem], out_path: str | Path, cfg:
                          extraction_spec=extraction.spec)
 
     def prepare() -> tuple[int, dict[str, str]]:
+        if not overwrite:
+            check_rules(out_path, extraction.spec)
         if overwrite:
             shutil.rmtree(parts_dir_for(out_path), ignore_errors=True)
         writer = StoreWriter(out_path, header, overwrite=overwrite)

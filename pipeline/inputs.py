@@ -3,8 +3,14 @@
 Every clip becomes a `ClipItem`: the media path, a unique id and the row metadata the feature store keeps
 (label, value, conversation, position, speaker, split, fold).
 
-- Folder: every file with a media extension below the root, recursively (hidden files and folders skipped).
-  id = path relative to the root, without extension, with "/" separators; source = the relative path.
+- Folder: every file below the root (recursively, following links; hidden files and folders are not looked
+  at) with a common media extension (`MEDIA_EXTENSIONS`: a broken one becomes an error row that says why,
+  e.g. a Git LFS pointer), and every other file that FFmpeg opens with an audio stream or with a video
+  stream that is footage rather than a still picture, an attached picture or a text "video" (FFmpeg opens
+  .png, .jpg, .srt and plain text too). Every other file is skipped by kind (`SKIP_KINDS`) and reported
+  (`Inputs.skipped`, the run's summary), never dropped in silence.
+  id = path relative to the root as laid out (a link is not resolved: git-annex and DataLad datasets are
+  links into .git/annex), without extension, with "/" separators; source = the relative path.
 - Manifest: a CSV with a `path` column (relative to the input root, or absolute) and the optional columns
   id, label, value, conversation, position, speaker, split, fold; columns named `meta_*` are informational and
   ignored. Missing `id` -> the folder rule above.
@@ -19,15 +25,40 @@ prediction or for labelling later). The CLI's `--task` forces one when a manifes
 from __future__ import annotations
 
 import csv
+import logging
 import math
+import os
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
-VIDEO_EXTENSIONS = (".mp4", ".mkv", ".avi", ".mov", ".webm")
-AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3")
+log = logging.getLogger(__name__)
+
+# Files with these extensions are clips without a probe (one that fails to decode is an error row saying why);
+# files with any other name are clips when FFmpeg finds audio or footage in them.
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".avi", ".mov", ".webm", ".flv", ".m4v", ".mpg", ".mpeg", ".ts", ".mts",
+                    ".wmv", ".3gp", ".ogv")
+AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".m4a", ".aac", ".ogg", ".opus", ".wma", ".aiff", ".aif")
 MEDIA_EXTENSIONS = VIDEO_EXTENSIONS + AUDIO_EXTENSIONS
+IMAGE_DEMUXERS = ("image2",)  # plus every FFmpeg demuxer named *_pipe (png_pipe, jpeg_pipe, ...): still images
+SKIP_KINDS = {  # why a file in a folder is not a clip
+    "not-media": "not media FFmpeg can read",
+    "still-image": "a still image, no audio",
+    "subtitles": "subtitles or data, no audio or video",
+    "git-lfs-pointer": "a Git LFS pointer, not the media (git lfs pull)",
+    "missing-content": "a link to content that is not here (datalad get / git annex get)",
+    "empty": "an empty file",
+}
+QUICK_PROBE = {"probesize": "65536", "analyzeduration": "0"}  # FFmpeg options: read 64 KB, not 5 MB
+PROBE_THREADS = 4  # files probed at once while a folder is searched (FFmpeg reads headers; mostly I/O)
+NOT_CLIPS = {  # files people pass as INPUT by mistake: what they are and which command wants them
+    b"\x89HDF\r\n\x1a\n": "an HDF5 file (a feature store?), not media: comp-train takes a store "
+                             "(comp-train FEATS.h5 --out RUN)",
+    b"PK\x03\x04": "a zip archive (a PyTorch checkpoint?), not media: comp-predict takes a trained model "
+                   "(comp-predict CLIP --model RUN/best.pt)",
+}
 MANIFEST_COLUMNS = ("path", "id", "label", "value", "conversation", "position", "speaker", "split", "fold")
 SPLITS = ("train", "val", "test", "")
 META_PREFIX = "meta_"  # informational manifest columns (e.g. comp-prepare's meta_intensity): not read
@@ -53,13 +84,84 @@ class ClipItem:
     fold: int = 0
 
 
+@dataclass
+class Inputs:
+    """The clips of a run and the files of its folder that are not clips: {kind: [relative paths]}."""
+
+    items: list[ClipItem]
+    skipped: dict[str, list[str]] = field(default_factory=dict)
+
+    def skipped_summary(self, examples: int = 3) -> str:
+        """One line: "2 still-image (a.png, b.jpg), 1 git-lfs-pointer (c.mp4)"; "" when nothing was skipped."""
+        parts = []
+        for kind, paths in sorted(self.skipped.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+            shown = ", ".join(paths[:examples]) + (", ..." if len(paths) > examples else "")
+            parts.append(f"{len(paths)} {kind} ({shown})")
+        return ", ".join(parts)
+
+
 def is_media(path: Path) -> bool:
+    """A common media extension: a clip whatever it holds (other files: `clip_kind` decides)."""
     return path.suffix.lower() in MEDIA_EXTENSIONS
+
+
+def not_a_clip(path: Path) -> str:
+    """What a file given as INPUT is when it is a store or checkpoint rather than media ("" otherwise)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError:
+        return ""
+    return next((what for magic, what in NOT_CLIPS.items() if head.startswith(magic)), "")
+
+
+def clip_kind(path: Path) -> str:
+    """"" when `path` is a clip (FFmpeg finds audio, or video that is footage); else a key of SKIP_KINDS."""
+    from pipeline.decode import lfs_pointer
+
+    if path.is_symlink() and not path.exists():
+        return "missing-content"
+    try:
+        if path.stat().st_size == 0:
+            return "empty"
+    except OSError:
+        return "not-media"
+    if lfs_pointer(path):
+        return "git-lfs-pointer"
+    kind = _probe_kind(path, QUICK_PROBE)  # headers only: enough to see most clips
+    return kind and _probe_kind(path, {})  # a file is only skipped after FFmpeg's full probe
+
+
+def _probe_kind(path: Path, options: dict[str, str]) -> str:
+    import av
+
+    from pipeline.decode import choose_stream
+
+    try:
+        with av.open(str(path), mode="r", options=options) as container:
+            fmt = container.format.name
+            if choose_stream(container, "audio") is not None:
+                return ""
+            image = fmt in IMAGE_DEMUXERS or fmt.endswith("_pipe")
+            if container.streams.video and not image and choose_stream(container, "video") is not None:
+                return ""
+            if container.streams.video:
+                return "still-image"
+            if container.streams.subtitles or container.streams.data:
+                return "subtitles"
+            return "not-media"
+    except (av.FFmpegError, UnicodeDecodeError, OSError, ValueError):
+        return "not-media"
+
+
+def _absolute(path: Path) -> Path:
+    """The absolute path as laid out: "." and ".." are folded, links are not followed."""
+    return Path(os.path.abspath(path))
 
 
 def _relative(path: Path, root: Path) -> str:
     try:
-        return path.resolve().relative_to(root.resolve()).as_posix()
+        return _absolute(path).relative_to(_absolute(root)).as_posix()
     except ValueError:  # outside the root (absolute manifest path): keep it whole
         return path.as_posix()
 
@@ -78,21 +180,49 @@ def _folder_label(path: Path, root: Path) -> str:
     return rel.parts[-2]
 
 
-def discover_folder(root: str | Path, *, labels_from_folders: bool = False) -> list[ClipItem]:
-    """Every media file below `root` (recursive, sorted), as clips."""
+def _walk(root: Path) -> list[Path]:
+    """Every non-hidden file below `root` as laid out, following linked folders once (no loops)."""
+    found: list[Path] = []
+    seen: set[str] = set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a link back up the tree
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [Path(folder) / f for f in files if not f.startswith(".")]
+    return sorted(found)
+
+
+def scan_folder(root: str | Path, *, labels_from_folders: bool = False) -> Inputs:
+    """Every clip below `root` (recursive, sorted by path) and every file skipped, by kind."""
     root = Path(root)
     if not root.is_dir():
         raise InputError(f"{root}: not a folder")
-    paths = sorted(p for p in root.rglob("*")
-                   if p.is_file() and is_media(p)
-                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
-    items = []
-    for p in paths:
+    paths = _walk(root)
+    with ThreadPoolExecutor(max_workers=PROBE_THREADS) as pool:
+        kinds = list(pool.map(lambda p: "" if is_media(p) else clip_kind(p), paths))
+    items: list[ClipItem] = []
+    skipped: dict[str, list[str]] = {}
+    for p, kind in zip(paths, kinds):
         source = _relative(p, root)
+        if kind:
+            skipped.setdefault(kind, []).append(source)
+            continue
         label = _folder_label(p, root) if labels_from_folders else ""
         items.append(ClipItem(id=_id_from_source(source), path=p, source=source, label=label))
     check_unique_ids(items)
-    return items
+    return Inputs(items, skipped)
+
+
+def discover_folder(root: str | Path, *, labels_from_folders: bool = False) -> list[ClipItem]:
+    """Every clip below `root` (see `scan_folder`); skipped files are logged as a warning."""
+    found = scan_folder(root, labels_from_folders=labels_from_folders)
+    if found.skipped:
+        log.warning("%s: %d file(s) are not clips and were skipped: %s", root,
+                    sum(map(len, found.skipped.values())), found.skipped_summary())
+    return found.items
 
 
 def _parse_float(text: str, where: str) -> float:
@@ -165,22 +295,42 @@ def read_manifest(manifest: str | Path, root: str | Path | None = None, *,
     return items
 
 
-def collect_inputs(input_path: str | Path, *, manifest: str | Path | None = None,
-                   labels_from_folders: bool = False) -> list[ClipItem]:
-    """The clips of a run: a manifest (paths relative to `input_path`), a folder tree, or one media file."""
+def gather_inputs(input_path: str | Path, *, manifest: str | Path | None = None,
+                  labels_from_folders: bool = False) -> Inputs:
+    """The clips of a run: a manifest (paths relative to `input_path`), a folder tree, or one media file.
+
+    Raises InputError when there is no clip: an empty folder (naming what was skipped), a store or
+    checkpoint given as INPUT (saying which command wants it), a path that does not exist.
+    """
     input_path = Path(input_path)
     if manifest is not None:
-        return read_manifest(manifest, input_path, labels_from_folders=labels_from_folders)
+        return Inputs(read_manifest(manifest, input_path, labels_from_folders=labels_from_folders))
     if input_path.is_dir():
-        items = discover_folder(input_path, labels_from_folders=labels_from_folders)
-        if not items:
-            raise InputError(f"{input_path}: no media files found (looked for {', '.join(MEDIA_EXTENSIONS)})")
-        return items
+        found = scan_folder(input_path, labels_from_folders=labels_from_folders)
+        if not found.items:
+            detail = f"; skipped {found.skipped_summary()}" if found.skipped else ""
+            raise InputError(f"{input_path}: no clips found (no file with audio or video){detail}")
+        return found
     if input_path.is_file():
+        what = not_a_clip(input_path)
+        if what:
+            raise InputError(f"{input_path} is {what}")
         if labels_from_folders:
             raise InputError("--labels-from-folders needs a folder as INPUT")
-        return [ClipItem(id=input_path.stem, path=input_path, source=input_path.name)]
+        return Inputs([ClipItem(id=input_path.stem, path=input_path, source=input_path.name)])
+    if input_path.is_symlink():
+        raise InputError(f"{input_path}: {SKIP_KINDS['missing-content']}")
     raise InputError(f"{input_path}: no such file or folder")
+
+
+def collect_inputs(input_path: str | Path, *, manifest: str | Path | None = None,
+                   labels_from_folders: bool = False) -> list[ClipItem]:
+    """`gather_inputs`' clips; what a folder holds besides clips is logged as a warning."""
+    found = gather_inputs(input_path, manifest=manifest, labels_from_folders=labels_from_folders)
+    if found.skipped:
+        log.warning("%s: %d file(s) are not clips and were skipped: %s", input_path,
+                    sum(map(len, found.skipped.values())), found.skipped_summary())
+    return found.items
 
 
 def check_unique_ids(items: Sequence[ClipItem]) -> None:

@@ -4,6 +4,8 @@ into real files by PyAV. Nothing is downloaded.
     clip = make_clip(tmp / "hello.mp4", text="Hello there", face=True)      # speech + a smiling face
     make_clip(tmp / "quiet.mp4", audio="silent", face=False)                 # silence + a scene with no face
     make_clip(tmp / "voice.wav", text="Audio only", video=False)             # no video stream
+    write_tracks(tmp / "two.mp4", audio=[AudioTrack(silence(2), default=False), AudioTrack(speech)])
+    write_tracks(tmp / "phone.mp4", video=[VideoTrack(face, rotation=90)])  # stored sideways, shown upright
 
 Images: `skimage.data.astronaut()` (public domain; Eileen Collins, smiling) and the Labeled Faces in the Wild
 thumbnails of `skimage.data.lfw_subset()`. scikit-image is needed only here.
@@ -16,6 +18,7 @@ import subprocess
 import tempfile
 import wave
 from collections.abc import Sequence
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Literal
@@ -85,6 +88,85 @@ def noise(duration_s: float, *, level: float = 0.1, seed: int = 0) -> np.ndarray
     rng = np.random.default_rng(seed)
     n = int(round(duration_s * SAMPLE_RATE))
     return np.clip(rng.normal(0.0, level, n), -1.0, 1.0).astype(np.float32)
+
+
+NOISE_KINDS = ("white", "pink", "brown", "hum-50", "hum-60", "fan", "room-tone", "keyboard", "rain", "music-chords",
+               "music-melody", "music-drums", "clicks-and-hum")
+
+
+def _shaped_noise(n: int, rng: np.random.Generator, exponent: float) -> np.ndarray:
+    """Noise with power spectrum ~ 1/f**exponent (0 white, 1 pink, 2 brown), unit RMS."""
+    spectrum = np.fft.rfft(rng.standard_normal(n))
+    freqs = np.fft.rfftfreq(n, 1.0 / SAMPLE_RATE)
+    freqs[0] = freqs[1]
+    out = np.fft.irfft(spectrum / freqs ** (exponent / 2.0), n)
+    return out / (np.sqrt(np.mean(out ** 2)) + 1e-12)
+
+
+def _tone(freq: float, t: np.ndarray, harmonics: int = 4) -> np.ndarray:
+    return sum(np.sin(2 * np.pi * freq * (k + 1) * t) / (k + 1) for k in range(harmonics))
+
+
+def noise_variant(kind: str, duration_s: float = 4.0, *, level_db: float = -30.0, seed: int = 0) -> np.ndarray:
+    """A sound with no speech in it, float32 at 16 kHz with RMS `level_db` dBFS: what recordings hold besides
+    voices. kinds (NOISE_KINDS): white/pink/brown noise, mains hum (50/60 Hz and harmonics), a fan, room tone
+    (quiet low-passed noise with a slow swell), keyboard typing (clicks at random intervals), rain (noise with
+    drops), music (piano-like chords, a melody, a drum pattern), clicks over hum."""
+    rng = np.random.default_rng(seed)
+    n = int(round(duration_s * SAMPLE_RATE))
+    t = np.arange(n) / SAMPLE_RATE
+    if kind == "white":
+        x = rng.standard_normal(n)
+    elif kind in ("pink", "brown"):
+        x = _shaped_noise(n, rng, 1.0 if kind == "pink" else 2.0)
+    elif kind in ("hum-50", "hum-60"):
+        x = _tone(50.0 if kind == "hum-50" else 60.0, t, harmonics=6) + 0.05 * rng.standard_normal(n)
+    elif kind == "fan":
+        x = _shaped_noise(n, rng, 1.5) + 0.5 * _tone(120.0, t, 3)
+    elif kind == "room-tone":
+        x = _shaped_noise(n, rng, 1.8) * (1.0 + 0.3 * np.sin(2 * np.pi * 0.2 * t))
+    elif kind in ("keyboard", "clicks-and-hum"):
+        x = 0.01 * rng.standard_normal(n)
+        for start in np.cumsum(rng.uniform(0.08, 0.35, int(duration_s / 0.08))):
+            i = int(start * SAMPLE_RATE)
+            if i >= n:
+                break
+            m = min(n - i, int(0.015 * SAMPLE_RATE))
+            x[i:i + m] += rng.standard_normal(m) * np.exp(-np.arange(m) / (0.002 * SAMPLE_RATE))
+        if kind == "clicks-and-hum":
+            x += 0.3 * _tone(50.0, t, 6)
+    elif kind == "rain":
+        x = _shaped_noise(n, rng, 0.5)
+        for i in rng.integers(0, n, int(40 * duration_s)):
+            m = min(n - i, 160)
+            x[i:i + m] += 4.0 * rng.standard_normal(m) * np.exp(-np.arange(m) / 30.0)
+    elif kind in ("music-chords", "music-melody"):
+        notes = [261.6, 329.6, 392.0, 440.0, 349.2, 293.7, 523.3, 196.0]
+        beat = 0.5 if kind == "music-melody" else 1.0
+        x = np.zeros(n)
+        for k, start in enumerate(np.arange(0.0, duration_s, beat)):
+            i, m = int(start * SAMPLE_RATE), int(beat * SAMPLE_RATE)
+            seg = t[: min(m, n - i)]
+            env = np.exp(-seg * 3.0)
+            chord = [notes[k % len(notes)]] if kind == "music-melody" else \
+                [notes[k % len(notes)], notes[(k + 2) % len(notes)] * 1.0, notes[(k + 4) % len(notes)] / 2]
+            x[i:i + len(seg)] += env * sum(_tone(f, seg, 5) for f in chord)
+    elif kind == "music-drums":
+        x = np.zeros(n)
+        for k, start in enumerate(np.arange(0.0, duration_s, 0.25)):
+            i = int(start * SAMPLE_RATE)
+            m = min(n - i, int(0.2 * SAMPLE_RATE))
+            seg = np.arange(m) / SAMPLE_RATE
+            if k % 4 == 0:  # kick
+                x[i:i + m] += np.sin(2 * np.pi * 60 * seg * np.exp(-seg * 8)) * np.exp(-seg * 15)
+            elif k % 4 == 2:  # snare
+                x[i:i + m] += rng.standard_normal(m) * np.exp(-seg * 25)
+            else:  # hi-hat
+                x[i:i + m] += 0.3 * np.diff(rng.standard_normal(m + 1)) * np.exp(-seg * 60)
+    else:
+        raise ValueError(f"unknown noise kind {kind!r}; choose from {NOISE_KINDS}")
+    x = x / (np.sqrt(np.mean(x ** 2)) + 1e-12) * 10 ** (level_db / 20.0)
+    return np.clip(x, -1.0, 1.0).astype(np.float32)
 
 
 # --------------------------------------------------------------------------- images
@@ -301,6 +383,130 @@ def make_clip(
     if video:
         picture = image if image is not None else (face_image(size=size) if face else no_face_image(size=size))
     return write_clip(path, audio=samples, frames=picture, fps=fps, duration_s=duration_s)
+
+
+# --------------------------------------------------------------------------- several tracks
+
+
+def stored_for_display(image: np.ndarray, rotation: int = 0, hflip: bool = False, vflip: bool = False) -> np.ndarray:
+    """The frame to store so that a player shows `image` under `VideoStream.set_display_rotation(rotation,
+    hflip, vflip)` (PyAV: rotate counter-clockwise by `rotation` degrees, then mirror)."""
+    if rotation % 90:
+        raise ValueError("rotation must be a multiple of 90 degrees")
+    out = image[:, ::-1] if hflip else image
+    out = out[::-1] if vflip else out
+    return np.ascontiguousarray(np.rot90(out, k=-(rotation // 90)))  # undo the counter-clockwise turn
+
+
+@dataclass
+class VideoTrack:
+    """One video stream for `write_tracks`: frames as for `write_clip`, shown as `rotation`/flips say.
+
+    With `upright=True` the frames are what a player must show: they are stored turned back
+    (`stored_for_display`) and the display matrix turns them upright again. `default` sets or clears the
+    default disposition (None: the muxer decides). `codec` "png"/"mjpeg" writes single pictures.
+    """
+
+    frames: np.ndarray | Sequence[np.ndarray]
+    fps: int = DEFAULT_FPS
+    n_frames: int | None = None  # copies of a single image; default: fps * the file's duration
+    rotation: int = 0
+    hflip: bool = False
+    vflip: bool = False
+    upright: bool = True
+    default: bool | None = None
+    codec: str = "libx264"
+
+
+@dataclass
+class AudioTrack:
+    """One audio stream for `write_tracks`: float32 samples [n] (mono) or [C, n], at `sample_rate`."""
+
+    samples: np.ndarray
+    sample_rate: int = SAMPLE_RATE
+    default: bool | None = None
+    dispositions: tuple[str, ...] = ()  # more FFmpeg disposition names, e.g. ("comment",)
+    codec: str = "aac"
+
+
+_LAYOUTS = {1: "mono", 2: "stereo"}
+
+
+def _disposition(default: bool | None, names: Sequence[str] = ()) -> av.stream.Disposition | None:
+    if default is None and not names:
+        return None
+    value = av.stream.Disposition(0)
+    for name in (*names, *(["default"] if default else [])):
+        value |= getattr(av.stream.Disposition, name)
+    return value
+
+
+def write_tracks(path: str | Path, *, video: Sequence[VideoTrack] = (), audio: Sequence[AudioTrack] = (),
+                 attachments: Sequence[tuple[str, str, bytes]] = ()) -> Path:
+    """A file with several streams in the given order (video streams first): what phones, editors and
+    rippers write. `attachments` are (name, mimetype, data) (Matroska: an image attachment is cover art)."""
+    path = Path(path)
+    if not video and not audio:
+        raise ValueError("write_tracks needs a video or an audio track")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    duration = max([t.samples.shape[-1] / t.sample_rate for t in audio] or [1.0])
+    with av.open(str(path), mode="w") as container:
+        for name, mimetype, data in attachments:
+            container.add_attachment(name, mimetype, data)
+        plans: list[tuple[av.stream.Stream, list[av.frame.Frame]]] = []
+        for track in video:
+            n = track.n_frames or max(1, int(round(duration * track.fps)))
+            images = _as_frames(track.frames, n)[:n]
+            if track.upright:
+                images = [stored_for_display(im, track.rotation, track.hflip, track.vflip) for im in images]
+            height, width = _even(images[0].shape[0]), _even(images[0].shape[1])
+            stream = container.add_stream(track.codec, rate=track.fps)
+            pix_fmt = {"png": "rgb24", "mjpeg": "yuvj420p"}.get(track.codec, "yuv420p")
+            stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+            if track.rotation or track.hflip or track.vflip:
+                stream.set_display_rotation(track.rotation, hflip=track.hflip, vflip=track.vflip)
+            disposition = _disposition(track.default)
+            if disposition is not None:
+                stream.disposition = disposition
+            frames = []
+            for i, image in enumerate(images):
+                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image[:height, :width]), format="rgb24")
+                frame = frame.reformat(format=pix_fmt) if pix_fmt != "rgb24" else frame
+                frame.pts = i
+                frames.append(frame)
+            plans.append((stream, frames))
+        for track in audio:
+            samples = np.asarray(track.samples, np.float32)
+            samples = samples[None] if samples.ndim == 1 else samples
+            layout = _LAYOUTS.get(samples.shape[0], f"{samples.shape[0]}c")
+            stream = container.add_stream(track.codec, rate=track.sample_rate, layout=layout)
+            disposition = _disposition(track.default, track.dispositions)
+            if disposition is not None:
+                stream.disposition = disposition
+            frames = []
+            chunk = 1024
+            for start in range(0, samples.shape[1], chunk):
+                block = np.clip(samples[:, start:start + chunk], -1.0, 1.0)
+                frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(block), format="fltp", layout=layout)
+                frame.sample_rate, frame.pts = track.sample_rate, start
+                frame.time_base = Fraction(1, track.sample_rate)
+                frames.append(frame)
+            plans.append((stream, frames))
+        for stream, frames in plans:  # one stream after the other: the muxer interleaves by time itself
+            for frame in frames:
+                container.mux(stream.encode(frame))
+            container.mux(stream.encode(None))
+    return path
+
+
+def lfs_pointer(path: str | Path, size: int = 1_234_567) -> Path:
+    """A Git LFS pointer file where a clone without `git lfs pull` leaves the media."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("version https://git-lfs.github.com/spec/v1\n"
+                    "oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\n"
+                    f"size {size}\n")
+    return path
 
 
 def corrupt_file(path: str | Path, *, keep_bytes: int = 64, seed: int = 0) -> Path:

@@ -72,7 +72,7 @@ def test_no_inputs_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "in").mkdir()
     code = main([str(tmp_path / "in"), "--out", str(tmp_path / "f.h5"), "--config", write_config(tmp_path)])
     err = capsys.readouterr().err
-    assert code == 2 and "comp-extract: error:" in err and "no media files" in err and "Traceback" not in err
+    assert code == 2 and "comp-extract: error:" in err and "no clips found" in err and "Traceback" not in err
 
 
 def test_unwritable_output_is_a_clear_error(tmp_path, capsys):
@@ -106,3 +106,44 @@ def test_unknown_extractor_lists_the_known_ones(tmp_path, capsys):
     code = main(["--config", write_config(tmp_path), "--set", "audio.name=wav3vec", "--print-config"])
     err = capsys.readouterr().err
     assert code == 2 and "wav3vec" in err and "fake-audio" in err
+
+
+def test_threads_option_sets_torch_threads_and_says_its_default(tmp_path, capsys):
+    """--threads N sets torch's intra-op threads for the run; --help states the default and why."""
+    import torch
+
+    from pipeline.cli.extract import default_threads
+
+    try:
+        main(["--help"])
+    except SystemExit:
+        pass
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--threads N" in out and f"(here {default_threads()})" in out
+    make_media(tmp_path / "in", ["a.wav"])
+    before = torch.get_num_threads()
+    try:
+        assert main([str(tmp_path / "in"), "--out", str(tmp_path / "f.h5"), "--config", write_config(tmp_path),
+                     "--device", "cpu", "-q", "--threads", "3"]) == 0
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_no_clip_extracted_exits_1_and_names_skipped_files(tmp_path, capsys):
+    """When every clip fails the run exits 1 and says so; files that are not clips are named, with the path
+    given once per warning."""
+    from pipeline.media import lfs_pointer
+
+    lfs_pointer(tmp_path / "in" / "clip.mp4")
+    (tmp_path / "in" / "cover.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)
+    (tmp_path / "in" / "notes.txt").write_text("not media\n" * 20)
+    code = main([str(tmp_path / "in"), "--out", str(tmp_path / "f.h5"), "--config", write_config(tmp_path),
+                 "--device", "cpu", "-q", "--log-file", str(tmp_path / "run.log")])
+    captured = capsys.readouterr()
+    assert code == 1 and "not a single clip could be extracted" in captured.err
+    assert "not clips  1 not-media (notes.txt), 1 still-image (cover.png)" in captured.out
+    data = read_store(tmp_path / "f.h5")
+    assert "Git LFS pointer" in data.reason["audio"][0]
+    warning = next(line for line in (tmp_path / "run.log").read_text().splitlines() if "skipping clip" in line)
+    assert warning.count("clip.mp4") == 1

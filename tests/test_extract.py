@@ -226,3 +226,25 @@ def test_offline_preset_end_to_end(tmp_path):
     assert [data.present[k][m] for k in ("audio", "text", "visual")] == [False, False, True]
     assert data.reason["audio"][m] == "no-audio-stream"
     assert data.diagnostics["frames_with_face"][h] > 0
+
+
+def test_store_and_spec_of_older_rules_are_refused_with_re_extract(tmp_path, monkeypatch):
+    """A store (or a checkpoint's spec) extracted under older decoding rules is refused with "re-extract",
+    never resumed into or rebuilt silently; --overwrite redoes it."""
+    import pipeline.extract as extract
+    from pipeline.store import StoreError
+
+    make_media(tmp_path / "in", ["a.mp4"])
+    monkeypatch.setattr(extract, "DECODE_RULES", 1)
+    extract_folder(tmp_path / "in", tmp_path / "old.h5")
+    old_spec = read_header(tmp_path / "old.h5").extraction_spec
+    monkeypatch.undo()
+    make_media(tmp_path / "in", ["b.mp4"])
+    with pytest.raises(StoreError, match="decode rules 1 \\(here 2\\).*re-extract"):
+        extract_folder(tmp_path / "in", tmp_path / "old.h5")
+    with pytest.raises(ExtractionError, match="older rules.*re-extract"):
+        Extraction.from_spec(old_spec)
+    unversioned = {k: v for k, v in old_spec.items() if k != "rules"}  # a spec from before rules were versioned
+    with pytest.raises(ExtractionError, match="decode rules unversioned"):
+        Extraction.from_spec(unversioned)
+    assert extract_folder(tmp_path / "in", tmp_path / "old.h5", overwrite=True).ok == 2

@@ -84,3 +84,26 @@ def test_corrupt_file_keeps_the_header(tmp_path):
     original = path.read_bytes()
     corrupted = corrupt_file(path, keep_bytes=32).read_bytes()
     assert corrupted[:32] == original[:32] and corrupted[32:] != original[32:]
+
+
+def test_noise_variants_have_their_level_and_differ():
+    """Every non-speech kind is generated at the asked RMS level, deterministic per seed."""
+    from pipeline.media import NOISE_KINDS, noise_variant
+
+    sounds = {kind: noise_variant(kind, 1.0, level_db=-30.0) for kind in NOISE_KINDS}
+    for kind, x in sounds.items():
+        assert x.dtype == np.float32 and len(x) == 16_000
+        assert 20 * np.log10(np.sqrt(np.mean(x.astype(np.float64) ** 2))) == pytest.approx(-30.0, abs=0.5), kind
+    assert np.array_equal(noise_variant("rain", 1.0, seed=3), noise_variant("rain", 1.0, seed=3))
+    assert not np.allclose(sounds["white"], sounds["pink"])
+
+
+def test_stored_for_display_undoes_the_display_turn():
+    """Turning the stored frame as PyAV documents (counter-clockwise, then mirror) gives the picture back."""
+    from pipeline.media import stored_for_display
+
+    image = np.arange(6 * 4 * 3, dtype=np.uint8).reshape(6, 4, 3)
+    for rotation in (0, 90, 180, -90):
+        for hflip in (False, True):
+            shown = np.rot90(stored_for_display(image, rotation, hflip), k=rotation // 90)
+            assert np.array_equal(shown[:, ::-1] if hflip else shown, image)

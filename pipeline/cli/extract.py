@@ -1,8 +1,9 @@
 """comp-extract: turn a folder of clips (or a manifest) into a feature store, resumably.
 
-Exit status: 0 when the run finished (clips that failed are recorded in the store and the failures file,
-they do not fail the run); 2 for a systemic failure (no inputs, unwritable output, a store of another spec,
-a model or setting that cannot be used), with one line on stderr (the traceback too with -v).
+Exit status: 0 when the run finished with at least one clip extracted (clips that failed are recorded in the
+store and the failures file, they do not fail the run); 1 when not a single clip could be extracted; 2 for a
+systemic failure (no inputs, unwritable output, a store of another spec or of older rules, a model or setting
+that cannot be used), with one line on stderr (the traceback too with -v).
 
 Several processes: under `torchrun --nproc_per_node N` (or `--nproc N`, which launches the N processes itself)
 every rank extracts its share of the clips on its own device (cuda:LOCAL_RANK) and rank 0 merges the parts
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 import time
 from dataclasses import replace
@@ -27,7 +29,8 @@ from pipeline.distributed import (DistEnv, DistributedError, PeerError, device_f
 
 EPILOG = """examples:
   comp-extract videos/ --out feats.h5 --preset offline
-      every clip below videos/ (mp4 mkv avi mov webm; wav flac mp3 as audio-only), with models that ship in pip packages
+      every clip below videos/ (any file FFmpeg finds audio or footage in: mp4 mkv flv m4a wav ...; images,
+      subtitles and text files are skipped and counted), with models that ship in pip packages
   comp-extract videos/ --out feats.h5 --labels-from-folders
       videos/angry/a.mp4 gets label "angry"; the default preset loads Whisper, wav2vec2 and DeBERTa from the hub
   comp-extract media/ --manifest clips.csv --out feats.h5 --device cuda --batch-size 16
@@ -75,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, help="decoding threads ahead of the models (default: from the config)")
     p.add_argument("--overwrite", action="store_true", help="discard an existing store at --out and start fresh")
     p.add_argument("--retry-failed", action="store_true", help="redo the clips recorded with status error")
+    p.add_argument("--threads", type=int, default=default_threads(), metavar="N",
+                   help="torch CPU threads for the models (intra-op). The default, half the CPU cores this "
+                        "process may use (here %(default)s), leaves the other half to the decoding threads; "
+                        "on a machine shared with other jobs, 1 is often fastest")
     p.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="extract with N processes on this machine (one per GPU with --device auto/cuda), like "
                         "torchrun --nproc_per_node N; a rerun with the same N resumes")
@@ -84,6 +91,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-file", metavar="FILE", help="also write the full (debug) log here")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     return p
+
+
+def default_threads() -> int:
+    """Half the CPU cores this process may run on, at least 1 (`--threads`' default)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // 2)
+
+
+def _set_threads(threads: int, env: DistEnv) -> None:
+    """torch intra-op threads: `threads` for one process, split among the ranks of a local launch."""
+    import torch
+
+    if threads < 1:
+        raise ValueError("--threads must be >= 1")
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if env.is_distributed else 1
+    torch.set_num_threads(max(1, threads // max(1, ranks_here)))
 
 
 def _logging(args: argparse.Namespace, env: DistEnv) -> contextlib.AbstractContextManager:
@@ -219,12 +245,20 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, env: DistEnv
         return _run_rank(args, cfg, env)
 
     from pipeline.extract import check_writable, resolve_device, run_extraction
-    from pipeline.inputs import collect_inputs
+    from pipeline.inputs import gather_inputs
 
-    items = collect_inputs(args.input, manifest=args.manifest, labels_from_folders=args.labels_from_folders)
+    if args.threads < 1:
+        parser.error("--threads must be >= 1")
+    _set_threads(args.threads, env)
+    inputs = gather_inputs(args.input, manifest=args.manifest, labels_from_folders=args.labels_from_folders)
+    items = inputs.items
     check_writable(args.out)
     device = resolve_device(args.device)
-    log.info("%d clips from %s; device %s; writing %s", len(items), args.manifest or args.input, device, args.out)
+    log.info("%d clips from %s; device %s, %d CPU threads; writing %s", len(items), args.manifest or args.input,
+             device, args.threads, args.out)
+    if inputs.skipped:
+        log.warning("%d file(s) in %s are not clips and were skipped: %s", sum(map(len, inputs.skipped.values())),
+                    args.input, inputs.skipped_summary())
     bar = _Bar(enabled=not args.quiet, tty=sys.stderr.isatty())
     redirect = contextlib.nullcontext()
     if bar.enabled:
@@ -238,9 +272,19 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, env: DistEnv
                                      task=None if args.task == "auto" else args.task)
     finally:
         bar.close()
+    summary.skipped_files = inputs.skipped_summary()
+    return _report(summary, args)
+
+
+def _report(summary, args: argparse.Namespace) -> int:
+    """Print the summary; exit status 1 when not a single clip of the inputs was extracted."""
     print(summary.table())
     if args.log_file:
         print(f"log        {args.log_file}")
+    if summary.ok == 0:
+        print(f"comp-extract: error: not a single clip could be extracted ({summary.error} errors); the reasons "
+              f"are in {summary.failures_path}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -249,14 +293,16 @@ def _run_rank(args: argparse.Namespace, cfg, env: DistEnv) -> int:
     import torch
 
     from pipeline.extract import run_sharded_extraction
-    from pipeline.inputs import collect_inputs
+    from pipeline.inputs import gather_inputs
 
+    _set_threads(args.threads, env)
     device = device_for_rank(args.device, env)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     with process_group(env, backend="gloo") as job:  # only small control messages travel between ranks
-        items = run_on_main(job, lambda: collect_inputs(args.input, manifest=args.manifest,
+        inputs = run_on_main(job, lambda: gather_inputs(args.input, manifest=args.manifest,
                                                         labels_from_folders=args.labels_from_folders))
+        items = inputs.items
         if env.is_main:
             log.info("%d clips from %s; %d processes; writing %s", len(items), args.manifest or args.input,
                      env.world_size, args.out)
@@ -275,10 +321,9 @@ def _run_rank(args: argparse.Namespace, cfg, env: DistEnv) -> int:
         finally:
             bar.close()
     if env.is_main:
-        print(summary.table())
-        if args.log_file:
-            print(f"log        {args.log_file}")
-    return 0
+        summary.skipped_files = inputs.skipped_summary()
+        return _report(summary, args)
+    return 0 if summary.ok else 1
 
 
 if __name__ == "__main__":
