@@ -271,21 +271,34 @@ def mix_channels(x: np.ndarray, names: tuple[str, ...] = ()) -> np.ndarray:
     return (mono / len(keep)).astype(np.float32)
 
 
-def decode_audio(path: Path, stream_index: int | None = None) -> np.ndarray:
-    """All audio of one stream (default: `choose_stream`'s) as mono float32 at 16 kHz, mixed by `mix_channels`.
+def decode_audio(path: Path, stream_index: int | None = None, start_s: float | None = None,
+                 end_s: float | None = None) -> np.ndarray:
+    """The audio of one stream (default: `choose_stream`'s) as mono float32 at 16 kHz, mixed by `mix_channels`.
 
-    Raises av.FFmpegError on failure.
+    `start_s`/`end_s` (seconds from the stream's start, None = the beginning/end) keep only that stretch: the
+    decoder seeks to the packet before `start_s` instead of reading what comes before, and stops after
+    `end_s`. Raises av.FFmpegError on failure.
     """
     chunks: list[np.ndarray] = []
+    first_s: float | None = None  # stream time of the first sample kept before trimming
     with av.open(str(path), mode="r") as container:
         stream = container.streams[stream_index] if stream_index is not None else choose_stream(container, "audio")
         if stream is None:
             raise av.error.StreamNotFoundError(0, "no audio stream")
         stream.thread_type = "AUTO"
+        origin = _seconds(stream.start_time, stream.time_base) or 0.0
+        timed = start_s is not None and start_s > 0 and _seek(container, stream, origin + start_s, path)
         # FFmpeg's resampler keeps the channels (planar float); they are mixed here, not averaged by FFmpeg
         resampler = av.AudioResampler(format="fltp", rate=SAMPLE_RATE)
         names: tuple[str, ...] = ()
         for frame in container.decode(stream):
+            t = frame.time - origin if frame.time is not None else None
+            if timed and t is None:  # no timestamps to trim by: decode it all and count samples instead
+                return decode_audio(path, stream.index, None, None)[_sample_range(start_s, end_s)]
+            if end_s is not None and t is not None and t >= end_s:
+                break
+            if first_s is None:
+                first_s = t if timed and t is not None else 0.0
             frame.pts = None  # let the resampler count samples itself; broken pts must not stall it
             names = names or tuple(ch.name for ch in frame.layout.channels)
             chunks.extend(f.to_ndarray() for f in resampler.resample(frame))
@@ -293,7 +306,28 @@ def decode_audio(path: Path, stream_index: int | None = None) -> np.ndarray:
     if not chunks:
         return np.zeros(0, np.float32)
     width = min(c.shape[0] for c in chunks)  # a layout change mid-stream keeps the channels all frames have
-    return mix_channels(np.concatenate([c[:width] for c in chunks], axis=1), names)
+    audio = mix_channels(np.concatenate([c[:width] for c in chunks], axis=1), names)
+    if start_s is None and end_s is None:
+        return audio
+    offset = round(((start_s or 0.0) - (first_s or 0.0)) * SAMPLE_RATE)  # samples decoded before start_s
+    length = None if end_s is None else round((end_s - (start_s or 0.0)) * SAMPLE_RATE)
+    return np.ascontiguousarray(audio[max(0, offset):][:length])
+
+
+def _sample_range(start_s: float | None, end_s: float | None) -> slice:
+    return slice(round((start_s or 0.0) * SAMPLE_RATE), None if end_s is None else round(end_s * SAMPLE_RATE))
+
+
+def _seek(container: av.container.InputContainer, stream: av.stream.Stream, t: float, path: Path) -> bool:
+    """Seek `stream` to the key frame or packet at or before stream time `t` (seconds); False when it cannot."""
+    if stream.time_base is None:
+        return False
+    try:
+        container.seek(int(t / stream.time_base), stream=stream, backward=True)
+        return True
+    except av.FFmpegError as err:
+        log.debug("%s: seek failed (%s); decoding from the start", path, _ffmpeg_text(err))
+        return False
 
 
 # ------------------------------------------------------------------------------------------- video
@@ -346,15 +380,29 @@ def orient(image: np.ndarray, matrix: tuple[int, int, int, int] | None) -> np.nd
     return np.ascontiguousarray(out)
 
 
+Crop = tuple[float, float, float, float]  # (x0, y0, x1, y1): a part of the displayed frame, as fractions
+
+
+def crop_image(image: np.ndarray, crop: Crop | None) -> np.ndarray:
+    """The part `crop` of `image` [H, W, 3] (fractions of the width and height, of the frame as displayed)."""
+    if crop is None:
+        return image
+    h, w = image.shape[:2]
+    x0, y0, x1, y1 = crop
+    rows = slice(round(y0 * h), max(round(y0 * h) + 1, round(y1 * h)))
+    cols = slice(round(x0 * w), max(round(x0 * w) + 1, round(x1 * w)))
+    return np.ascontiguousarray(image[rows, cols])
+
+
 def decode_frames(path: Path, targets: np.ndarray, max_side: int, stream_index: int | None = None,
-                  ) -> tuple[np.ndarray, np.ndarray]:
+                  crop: Crop | None = None) -> tuple[np.ndarray, np.ndarray]:
     """For each target time, the frame on screen then: the last one shown at or before it.
 
     A frame stays on screen until the next one, and the last one until the end of the clip (a still picture
     or a video stream shorter than the audio keeps showing its last frame, as players do); targets before the
-    first frame get the first. Frames are turned as their display matrix says. Returns uint8 RGB
-    [T, H, W, 3] and the times the frames appeared [T] (seconds from the stream start). Raises
-    av.FFmpegError on failure.
+    first frame get the first. Frames are turned as their display matrix says, then cut to `crop`, whose
+    longest side is at most `max_side` pixels. Returns uint8 RGB [T, H, W, 3] and the times the frames
+    appeared [T] (seconds from the stream start). Raises av.FFmpegError on failure.
     """
     frames: list[np.ndarray] = []
     times: list[float] = []
@@ -364,11 +412,14 @@ def decode_frames(path: Path, targets: np.ndarray, max_side: int, stream_index: 
             raise av.error.StreamNotFoundError(0, "no video stream")
         stream.thread_type = "AUTO"
         start = _seconds(stream.start_time, stream.time_base) or 0.0
-        size = _scaled_size(stream.codec_context.width, stream.codec_context.height, max_side)
+        width, height = stream.codec_context.width, stream.codec_context.height
+        part = max(crop[2] - crop[0], crop[3] - crop[1]) if crop is not None else 1.0
+        # the crop's longest side within max_side, whichever way the display matrix turns the frame
+        size = _scaled_size(width, height, max(16, round(max_side / part)))
 
         def take(frame: av.VideoFrame, t: float) -> None:
             rgb = frame.reformat(width=size[0], height=size[1], format="rgb24")
-            frames.append(orient(rgb.to_ndarray(), display_matrix(frame)))
+            frames.append(crop_image(orient(rgb.to_ndarray(), display_matrix(frame)), crop))
             times.append(t)
 
         k = 0
@@ -407,10 +458,19 @@ def decode_frames(path: Path, targets: np.ndarray, max_side: int, stream_index: 
 
 # -------------------------------------------------------------------------------------------- clips
 
-def decode_clip(path: str | Path, clip_id: str, cfg: DecodeConfig | None = None) -> ClipInput:
-    """Decode one clip into the extractors' input; per-modality failures become reasons, see module doc."""
+def decode_clip(path: str | Path, clip_id: str, cfg: DecodeConfig | None = None, *,
+                start_s: float | None = None, end_s: float | None = None, audio_path: str | Path | None = None,
+                crop: Crop | None = None) -> ClipInput:
+    """Decode one clip into the extractors' input; per-modality failures become reasons, see module doc.
+
+    A segment: `start_s`/`end_s` (seconds from the start of `path`; None = its start/end) make the clip that
+    stretch of the file, decoded by seeking. `audio_path`: the clip's audio comes from that file instead
+    (taken whole: a separate recording of this clip). `crop`: the part of the frame the extractors see.
+    Raises DecodeError when nothing can be decoded (or the segment lies outside the media).
+    """
     cfg = cfg or DecodeConfig()
     path = Path(path)
+    segment = start_s is not None or end_s is not None
     with _open(path) as container:
         audio_stream = choose_stream(container, "audio")
         video_stream = choose_stream(container, "video")
@@ -418,21 +478,44 @@ def decode_clip(path: str | Path, clip_id: str, cfg: DecodeConfig | None = None)
         video_index = video_stream.index if video_stream is not None else None
         picture_only = _picture_only(container)
         duration = _duration(container)
+    audio_file = path
+    if audio_path is not None:
+        audio_file = Path(audio_path)
+        try:
+            with _open(audio_file) as container:
+                stream = choose_stream(container, "audio")
+                audio_index = stream.index if stream is not None else None
+        except DecodeError as err:  # the clip's own audio file cannot be read: the clip fails, saying which file
+            raise DecodeError(f"audio file {audio_file}: {err}") from err
     if audio_index is None and video_index is None:
         raise DecodeError("only a still picture, no audio or video to extract" if picture_only
                           else "no audio or video stream")
+    if segment:
+        start_s = max(0.0, start_s or 0.0)
+        if duration is not None and start_s >= duration:
+            raise DecodeError(f"the segment starts at {start_s:.2f} s, after the end of the media ({duration:.2f} s)")
+        if end_s is not None and duration is not None and end_s > duration + 0.5:
+            log.warning("%s: the segment ends at %.2f s, after the end of the media (%.2f s); cut there",
+                        path, end_s, duration)
+        end_s = min(end_s, duration) if end_s is not None and duration is not None else end_s
+    own_audio = audio_path is None
 
     audio: np.ndarray | None = None
     audio_reason = "no-audio-stream"
     if audio_index is not None:
         try:
-            audio = decode_audio(path, audio_index)
+            audio = decode_audio(audio_file, audio_index, *((start_s, end_s) if own_audio else (None, None)))
             audio_reason = ""
             if audio.size == 0:
                 audio, audio_reason = None, "decode-error: the audio stream has no decodable samples"
         except av.FFmpegError as err:
             audio, audio_reason = None, f"decode-error: {_ffmpeg_text(err)}"
-            log.warning("%s: audio decode failed: %s", path, audio_reason)
+            log.warning("%s: audio decode failed: %s", audio_file, audio_reason)
+    if segment:
+        end = end_s if end_s is not None else duration
+        if end is None and audio is not None and own_audio:
+            end = start_s + audio.size / SAMPLE_RATE
+        duration = (end - start_s) if end is not None else None
     if duration is None or duration <= 0:
         duration = audio.size / SAMPLE_RATE if audio is not None else 0.0
 
@@ -441,8 +524,11 @@ def decode_clip(path: str | Path, clip_id: str, cfg: DecodeConfig | None = None)
     frames_reason = "no-video-stream: only a still picture (cover art or thumbnail)" if picture_only \
         else "no-video-stream"
     if video_index is not None:
+        offset = start_s if segment else 0.0
         try:
-            frames, frame_times = decode_frames(path, sample_times(duration, cfg), cfg.max_side, video_index)
+            frames, frame_times = decode_frames(path, sample_times(duration, cfg) + offset, cfg.max_side,
+                                                video_index, crop)
+            frame_times = frame_times - np.float32(offset)
             frames_reason = ""
             if len(frames) == 0:
                 frames, frame_times = None, None

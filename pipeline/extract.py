@@ -310,7 +310,8 @@ class Extraction:
         """Decode one clip; never raises (a failure becomes the clip's error reason)."""
         t0 = time.perf_counter()
         try:
-            clip = decode_clip(item.path, item.id, self.cfg.decode)
+            clip = decode_clip(item.path, item.id, self.cfg.decode, start_s=item.start_s, end_s=item.end_s,
+                               audio_path=item.audio_path, crop=item.crop)
             result = _Decoded(item, clip, "")
         except Exception as err:  # DecodeError, and anything a broken file makes the decoder raise
             text = str(err) if isinstance(err, DecodeError) else f"{type(err).__name__}: {err}"

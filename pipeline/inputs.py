@@ -12,8 +12,10 @@ Every clip becomes a `ClipItem`: the media path, a unique id and the row metadat
   id = path relative to the root as laid out (a link is not resolved: git-annex and DataLad datasets are
   links into .git/annex), without extension, with "/" separators; source = the relative path.
 - Manifest: a CSV with a `path` column (relative to the input root, or absolute) and the optional columns
-  id, label, value, conversation, position, speaker, split, fold; columns named `meta_*` are informational and
-  ignored. Missing `id` -> the folder rule above.
+  id, label, value, conversation, position, speaker, split, fold, and per clip: `audio_path` (its audio from
+  that file, taken whole), `start`/`end` (seconds: the clip is that segment of `path`, decoded by seeking) and
+  `crop` (x0,y0,x1,y1 as fractions: the part of the frame showing the speaker). Columns named `meta_*` are
+  informational and ignored. Missing `id` -> the folder rule above, plus `@start-end` for a segment.
 - `labels_from_folders`: label = name of the folder that holds the file (e.g. `angry/clip01.mp4`).
 
 Task of the store (`infer_task`): "regression" when any clip has a `value` (labels, if any, stay in the
@@ -59,7 +61,8 @@ NOT_CLIPS = {  # files people pass as INPUT by mistake: what they are and which 
     b"PK\x03\x04": "a zip archive (a PyTorch checkpoint?), not media: comp-predict takes a trained model "
                    "(comp-predict CLIP --model RUN/best.pt)",
 }
-MANIFEST_COLUMNS = ("path", "id", "label", "value", "conversation", "position", "speaker", "split", "fold")
+MANIFEST_COLUMNS = ("path", "audio_path", "start", "end", "crop", "id", "label", "value", "conversation", "position",
+                    "speaker", "split", "fold")
 SPLITS = ("train", "val", "test", "")
 META_PREFIX = "meta_"  # informational manifest columns (e.g. comp-prepare's meta_intensity): not read
 
@@ -82,6 +85,14 @@ class ClipItem:
     speaker: str = ""
     split: str = ""
     fold: int = 0
+    audio_path: Path | None = None  # the clip's audio from this file instead of `path` (taken whole)
+    start_s: float | None = None  # a segment of `path`: from here (seconds) ...
+    end_s: float | None = None  # ... to here; None = the file's start / end
+    crop: tuple[float, float, float, float] | None = None  # (x0, y0, x1, y1) of the frame, as fractions
+
+    @property
+    def is_segment(self) -> bool:
+        return self.start_s is not None or self.end_s is not None
 
 
 @dataclass
@@ -243,6 +254,37 @@ def _parse_int(text: str, where: str, column: str) -> int:
         raise InputError(f"{where}: {column} {text!r} is not an integer") from None
 
 
+def _parse_seconds(text: str, where: str, column: str) -> float | None:
+    if text.strip() == "":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise InputError(f"{where}: {column} {text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise InputError(f"{where}: {column} {text!r} must be a number of seconds >= 0")
+    return value
+
+
+def _parse_crop(text: str, where: str) -> tuple[float, float, float, float] | None:
+    if text.strip() == "":
+        return None
+    try:
+        x0, y0, x1, y1 = (float(v) for v in text.split(","))
+    except ValueError:
+        raise InputError(f"{where}: crop {text!r} must be x0,y0,x1,y1 (fractions of the frame, e.g. 0,0,0.5,1 "
+                         "for the left half)") from None
+    if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+        raise InputError(f"{where}: crop {text!r} must satisfy 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1")
+    return x0, y0, x1, y1
+
+
+def _segment_id(source: str, start_s: float | None, end_s: float | None) -> str:
+    """Default id of a segment: the file's id plus its span, so that segments of one file stay apart."""
+    span = f"{start_s or 0:g}-{'' if end_s is None else f'{end_s:g}'}"
+    return f"{_id_from_source(source)}@{span}"
+
+
 def read_manifest(manifest: str | Path, root: str | Path | None = None, *,
                   labels_from_folders: bool = False) -> list[ClipItem]:
     """Clips listed in a manifest CSV; relative paths are resolved against `root` (default: the CSV's folder)."""
@@ -277,8 +319,18 @@ def read_manifest(manifest: str | Path, root: str | Path | None = None, *,
         label = row.get("label", "")
         if labels_from_folders and not label:
             label = _folder_label(path, root)
+        start_s = _parse_seconds(row.get("start", ""), where, "start")
+        end_s = _parse_seconds(row.get("end", ""), where, "end")
+        if start_s is not None and end_s is not None and end_s <= start_s:
+            raise InputError(f"{where}: end {end_s:g} s must come after start {start_s:g} s")
+        audio_path = None
+        if row.get("audio_path"):
+            audio_path = Path(row["audio_path"])
+            if not audio_path.is_absolute():
+                audio_path = root / audio_path
+        segment = start_s is not None or end_s is not None
         items.append(ClipItem(
-            id=row.get("id") or _id_from_source(source),
+            id=row.get("id") or (_segment_id(source, start_s, end_s) if segment else _id_from_source(source)),
             path=path,
             source=source,
             label=label,
@@ -288,6 +340,10 @@ def read_manifest(manifest: str | Path, root: str | Path | None = None, *,
             speaker=row.get("speaker", ""),
             split=split,
             fold=_parse_int(row.get("fold", ""), where, "fold"),
+            audio_path=audio_path,
+            start_s=start_s,
+            end_s=end_s,
+            crop=_parse_crop(row.get("crop", ""), where),
         ))
     if not items:
         raise InputError(f"{manifest}: lists no clips")
