@@ -30,9 +30,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    from core.clip import SAMPLE_RATE, ClipInput
     from extractors import vad
     from extractors.asr import WhisperASR
-    from extractors.base import SAMPLE_RATE, ClipInput
     from pipeline.decode import decode_audio
     from pipeline.media import NOISE_KINDS, noise_variant, speak
 

@@ -72,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_config(args: argparse.Namespace, extra: list[str]):
     from comp.config import TrainConfig
-    from pipeline.configuration import apply_overrides
+    from core.config import apply_overrides
 
     flags = [f"epochs={args.epochs}", f"stage_epochs={args.stage_epochs}", f"missing={args.missing!r}",
              f"seeds={args.seeds}", "device='cpu'", f"folds={args.run_folds!r}"]

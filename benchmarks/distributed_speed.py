@@ -48,7 +48,6 @@ def _run(cmd: list[str]) -> tuple[float, str]:
 
 def bench_extraction(args: argparse.Namespace, tmp: Path) -> list[tuple[str, float, float]]:
     import yaml
-
     from fake_extractors import fake_config_dict, make_media
 
     clips = tmp / "clips"

@@ -70,8 +70,7 @@ def random_weight_models(folder: Path) -> dict[str, str]:
 
     import torch
     import whisper
-    from transformers import (DebertaConfig, DebertaModel, Wav2Vec2Config, Wav2Vec2FeatureExtractor,
-                              Wav2Vec2Model)
+    from transformers import DebertaConfig, DebertaModel, Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
     torch.manual_seed(0)
     asr_path = folder / "whisper-base-random.pt"
@@ -200,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         # time it on the sentences the clips speak.
         import numpy as np
 
-        from extractors.base import ClipInput
+        from core.clip import ClipInput
 
         clips = [ClipInput(f"t{i}", None, "", None, "", 5.0, transcript=SENTENCES[i % len(SENTENCES)])
                  for i in range(args.clips)]

@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_config(args: argparse.Namespace, extra: list[str]):
     from comp.config import TrainConfig
-    from pipeline.configuration import apply_overrides, load_yaml
+    from core.config import apply_overrides, load_yaml
     from pipeline.presets import preset_path
 
     base = load_yaml(TrainConfig, preset_path("train", args.preset))
@@ -68,7 +68,7 @@ def build_config(args: argparse.Namespace, extra: list[str]):
 
 
 def data_lines(data) -> list[str]:
-    from pipeline.store import ZERO_VECTOR_REASON
+    from core.records import ZERO_VECTOR_REASON
 
     lines = ["data: per modality, spread of the per-dimension mean / std over present rows; all-zero vectors"]
     for m in ("audio", "text", "visual"):

@@ -34,8 +34,8 @@ def worker(args: argparse.Namespace) -> None:
     from comp.config import ModelConfig, TrainConfig
     from comp.data import build_conversations, plan_folds
     from comp.seeding import deterministic
-    from pipeline.devices import resolve_device
     from comp.train import fit_run
+    from core.devices import resolve_device
     from pipeline.store import read_store
 
     if args.threads > 0:

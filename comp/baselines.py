@@ -49,23 +49,23 @@ import time
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sklearn.decomposition import PCA
 from sklearn.dummy import DummyClassifier
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from comp import masks
-from comp.config import MODALITY_ORDER, TrainConfig
+from comp.config import TrainConfig
 from comp.data import Conversation, FoldPlan, Normalizer, build_conversations, plan_folds, select
 from comp.metrics import confusion, is_improvement, metric_names, primary_metric, score, summarize
 from comp.seeding import mask_rng
-from pipeline.store import StoreData
+from core.clip import MODALITIES
+from core.records import StoreData
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +90,12 @@ class BaselineSpec:
 
 
 BASELINES: tuple[BaselineSpec, ...] = (
-    BaselineSpec("linear", MODALITY_ORDER, False, False,
+    BaselineSpec("linear", MODALITIES, False, False,
                  "linear model on the concatenated modalities, absent ones zero"),
-    BaselineSpec("linear+mask", MODALITY_ORDER, True, False, "linear + the three presence bits"),
-    BaselineSpec("linear+mask+context", MODALITY_ORDER, True, True,
+    BaselineSpec("linear+mask", MODALITIES, True, False, "linear + the three presence bits"),
+    BaselineSpec("linear+mask+context", MODALITIES, True, True,
                  "linear+mask + each modality's mean over the present utterances of the conversation"),
-    *(BaselineSpec(m, (m,), False, False, f"{m} features alone (absent: intercept only)") for m in MODALITY_ORDER),
+    *(BaselineSpec(m, (m,), False, False, f"{m} features alone (absent: intercept only)") for m in MODALITIES),
 )
 
 
@@ -114,12 +114,12 @@ class Rows:
 
 def conversation_rows(conversations: Sequence[Conversation]) -> Rows:
     """Stack conversations' utterances and compute each modality's conversation mean over present rows."""
-    feats = {m: np.concatenate([c.features[m] for c in conversations]) for m in MODALITY_ORDER}
+    feats = {m: np.concatenate([c.features[m] for c in conversations]) for m in MODALITIES}
     present = np.concatenate([c.present for c in conversations])
     lengths = np.array([len(c) for c in conversations])
     owner = np.repeat(np.arange(len(conversations)), lengths)
     context = {}
-    for i, m in enumerate(MODALITY_ORDER):
+    for i, m in enumerate(MODALITIES):
         keep = present[:, i]
         sums = np.zeros((len(conversations), feats[m].shape[1]), dtype=np.float64)
         np.add.at(sums, owner[keep], feats[m][keep])
@@ -136,7 +136,7 @@ def principal_directions(conversations: Sequence[Conversation],
     """Per modality, orthonormal rows [k, D] spanning the top-k principal directions of the present rows
     (None: the modality has at most `max_components` dimensions, or too few rows, and is kept whole)."""
     out: dict[str, np.ndarray | None] = {}
-    for i, m in enumerate(MODALITY_ORDER):
+    for i, m in enumerate(MODALITIES):
         rows = np.concatenate([c.features[m][c.present[:, i]] for c in conversations])
         k = min(max_components, len(rows) - 1)
         if rows.shape[1] <= max_components or k < 1:
@@ -151,7 +151,7 @@ def project(conversations: Sequence[Conversation],
             directions: Mapping[str, np.ndarray | None]) -> list[Conversation]:
     """Conversations with each modality's features on `directions` (no centring: absent rows stay zero)."""
     return [dataclasses.replace(c, features={m: c.features[m] if directions[m] is None
-                                             else c.features[m] @ directions[m].T for m in MODALITY_ORDER})
+                                             else c.features[m] @ directions[m].T for m in MODALITIES})
             for c in conversations]
 
 
@@ -301,15 +301,14 @@ def _mask_key(conversations: Sequence[Conversation]) -> str:
     return h.hexdigest()
 
 
-def run_baselines(*, data: StoreData, cfg: TrainConfig, out_dir: Path | None = None) -> dict[str, Any]:
+def run_baselines(*, data: StoreData, cfg: TrainConfig) -> dict[str, Any]:
     """Fit and score every baseline on the training loop's folds, seeds and masks.
 
     Returns {name: {"description", "seconds", "summary": {metric: {mean, std, n}} (main condition, as
     ComP's summary), "summary_by_condition": {condition: summary}, "runs": [{"fold", "seed", "condition",
-    "C", "selected_on", "val_score", "test": {metric: value}, "confusion": [[int]] or None}]}}. `out_dir` is not written to: the caller
-    stores the result in metrics.json.
+    "C", "selected_on", "val_score", "test": {metric: value}, "confusion": [[int]] or None}]}}, which the
+    caller stores in metrics.json.
     """
-    del out_dir  # the result goes into metrics.json; nothing of its own to write
     task = data.header.task
     label_names = list(data.header.label_names)
     n_outputs = len(label_names) if task == "classification" else 1

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from comp.config import MODALITY_ORDER
+from core.clip import MODALITIES as MODALITY_ORDER
 
 
 @dataclass

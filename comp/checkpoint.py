@@ -175,7 +175,8 @@ def build_model_from_checkpoint(path: str | Path, device: str | torch.device = "
     """(ComP in eval mode on `device`, meta). Refuses a checkpoint whose config, dims or weights disagree."""
     from comp.config import TrainConfig
     from comp.model import ComP
-    from pipeline.configuration import ConfigError, from_dict
+    from core.config import from_dict
+    from core.errors import ConfigError
 
     state, meta = load_checkpoint(path, map_location="cpu")
     try:

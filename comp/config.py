@@ -1,4 +1,4 @@
-"""Model and training configs. Frozen dataclasses that round-trip to YAML via `pipeline.configuration`.
+"""Model and training configs. Frozen dataclasses that round-trip to YAML via `core.config`.
 
 `variant` picks a whole family of behaviours; each behaviour where the released ComP code differs from the
 paper (docs/model.md §9) is a named switch in `Quirks`, so an ablation is one flag. A switch left at None
@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
 from typing import Literal
-
-MODALITY_ORDER: tuple[str, ...] = ("audio", "text", "visual")  # index order of every [.., 3] mask tensor
 
 Variant = Literal["clean", "faithful"]
 

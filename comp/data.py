@@ -34,8 +34,9 @@ import numpy as np
 import torch
 
 from comp.batch import ComPBatch
-from comp.config import MODALITY_ORDER, TrainConfig
-from pipeline.store import ZERO_VECTOR_REASON, StoreData
+from comp.config import TrainConfig
+from core.clip import MODALITIES as MODALITY_ORDER
+from core.records import ZERO_VECTOR_REASON, StoreData
 
 log = logging.getLogger(__name__)
 

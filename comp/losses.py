@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from comp.batch import ComPBatch, ComPOutput
-from comp.config import MODALITY_ORDER, ModelConfig
+from comp.config import ModelConfig
+from core.clip import MODALITIES
 
 ANTI_LABEL_SCALE = 1.5  # regression anti-label target: clamp(1.5 * N(0, 1), -3, 3), the sentiment range
 SENTIMENT_RANGE = 3.0
@@ -72,7 +73,7 @@ def disentangle_loss(aux: dict[str, torch.Tensor]) -> torch.Tensor:
     real, rows = aux["dis_real"], aux["dis_rows"]  # [R]
     sig = torch.sigmoid(shared.float())
     total = shared.new_zeros((), dtype=torch.float32)
-    n = len(MODALITY_ORDER)
+    n = len(MODALITIES)
     for i in range(n):
         for j in range(i + 1, n):
             total = total + abs_cosine(private[i], private[j], real) + abs_cosine(private[i], shared[i], real) \
@@ -106,7 +107,7 @@ def reconstruction_loss(aux: dict[str, torch.Tensor]) -> torch.Tensor:
         err = ((aux["rec"].float() - aux["rec_target"].float()) ** 2).mean(-1)
         return (err * weight).sum() / weight.sum().clamp_min(1e-12)
     terms = []
-    for i, u in enumerate(MODALITY_ORDER):
+    for i, u in enumerate(MODALITIES):
         w = weight[i]
         if not bool((w > 0).any()):
             continue
@@ -126,7 +127,7 @@ def comp_loss(out: ComPOutput, batch: ComPBatch, cfg: ModelConfig, task: str,
         raise ValueError(f"stage must be 1 or 2, got {stage!r}")
     q = cfg.resolved
     parts: dict[str, torch.Tensor] = {}
-    unimodal = sum(task_loss(out.head_logits[u], batch, task) for u in MODALITY_ORDER)
+    unimodal = sum(task_loss(out.head_logits[u], batch, task) for u in MODALITIES)
     if stage == 1:
         parts["unimodal"] = unimodal
         if q.disentangle:

@@ -1,6 +1,6 @@
 """Missing-modality masks: the shared IMER protocol's generator, fixed conditions, and how masks are applied.
 
-A mask is a bool array [..., 3] in `MODALITY_ORDER` (audio, text, visual); True = the modality is kept.
+A mask is a bool array [..., 3] in `MODALITIES` (audio, text, visual); True = the modality is kept.
 Simulated masks are always ANDed with the store's natural `present` flags, so a modality the data lacks is
 never brought back. Three conditions (`--missing`):
 
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import torch
 
-from comp.config import MODALITY_ORDER
+from core.clip import MODALITIES
 
 if TYPE_CHECKING:
     from comp.data import Batch, Conversation
@@ -95,8 +95,8 @@ def random_mask(view_num: int, n: int, missing_rate: float, rng: np.random.Gener
 def condition_mask(condition: str, n: int) -> np.ndarray:
     """bool [n, 3]: keep exactly the modalities named by `condition` (letters of a, t, v, e.g. "at")."""
     keep = _normalise_condition(condition)
-    row = np.array([LETTERS_BY_MODALITY[m] in keep for m in MODALITY_ORDER], dtype=bool)
-    return np.broadcast_to(row, (n, len(MODALITY_ORDER))).copy()
+    row = np.array([LETTERS_BY_MODALITY[m] in keep for m in MODALITIES], dtype=bool)
+    return np.broadcast_to(row, (n, len(MODALITIES))).copy()
 
 
 
@@ -137,9 +137,9 @@ class MissingSpec:
     def simulate(self, n: int, rng: np.random.Generator) -> np.ndarray:
         """bool [n, 3]: the simulated pattern for n utterances, before it meets the natural flags."""
         if self.kind == "natural":
-            return np.ones((n, len(MODALITY_ORDER)), dtype=bool)
+            return np.ones((n, len(MODALITIES)), dtype=bool)
         if self.kind == "random":
-            return random_mask(len(MODALITY_ORDER), n, self.rate, rng)
+            return random_mask(len(MODALITIES), n, self.rate, rng)
         if len(self.conditions) != 1:
             raise ValueError(f"{self.label} names {len(self.conditions)} conditions; train and test one at a "
                              "time (MissingSpec.runs())")

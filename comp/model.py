@@ -24,10 +24,11 @@ from torch import nn
 
 from comp.attention import Layout, Mlp, ModalityLinear, ModalityMlp
 from comp.batch import ComPBatch, ComPOutput
-from comp.config import MODALITY_ORDER, ModelConfig
+from comp.config import ModelConfig
 from comp.coordinator import Coordinator, FusionHead, concat_modalities
 from comp.prompts import InstancePrototypes, PromptGenerator, TimeAxisPrototypes
 from comp.propagation import KnowledgePropagation, cross_prompts
+from core.clip import MODALITIES as MODALITY_ORDER
 
 log = logging.getLogger(__name__)
 

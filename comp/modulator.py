@@ -22,9 +22,10 @@ from __future__ import annotations
 import torch
 
 from comp.batch import ComPBatch, ComPOutput
-from comp.config import MODALITY_ORDER, ModelConfig
+from comp.config import ModelConfig
 from comp.prompts import TimeAxisPrototypes
 from comp.propagation import OTHERS
+from core.clip import MODALITIES
 
 RELEASED_EPS = 1e-10  # denominator guard of the released gradient_weight_single
 GUARD_REL = 1e-6  # clean: |sum Delta| below this fraction of sum |Delta| counts as zero
@@ -39,7 +40,7 @@ def modality_errors(head_logits: dict[str, torch.Tensor], targets: torch.Tensor,
     a raw logit to the class *index* (so class 3 "wants" a logit of 3): kept only for faithful ablations.
     Regression: E = |prediction - y|.
     """
-    logits = torch.stack([head_logits[u] for u in MODALITY_ORDER]).detach().float()  # [3,B,S,C]
+    logits = torch.stack([head_logits[u] for u in MODALITIES]).detach().float()  # [3,B,S,C]
     if task == "regression":
         return (logits[..., 0] - targets.float()).abs()
     y = targets.long().clamp_min(0)
@@ -147,7 +148,7 @@ class GradientModulator:
         stats: dict[str, float] = {}
         if used.numel() == 0:
             return stats
-        for i, u in enumerate(MODALITY_ORDER):
+        for i, u in enumerate(MODALITIES):
             stats[f"gm_w_mean_{u}"] = float(used[i].mean())
             stats[f"gm_w_min_{u}"] = float(used[i].min())
             stats[f"gm_w_max_{u}"] = float(used[i].max())

@@ -38,7 +38,7 @@ import torch.distributed as dist
 from comp.batch import ComPBatch, ComPOutput
 from comp.config import ModelConfig
 from comp.modulator import GradientModulator, modality_errors
-from pipeline.distributed import DistEnv, Job, device_for_rank, process_group
+from core.distributed import DistEnv, Job, device_for_rank, process_group
 
 log = logging.getLogger(__name__)
 

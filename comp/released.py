@@ -19,7 +19,7 @@ import torch
 
 from comp.model import ComP
 
-LETTERS = ("a", "t", "v")  # released modality suffixes, in MODALITY_ORDER (audio, text, visual)
+LETTERS = ("a", "t", "v")  # released modality suffixes, in MODALITIES (audio, text, visual)
 QKV = ("q", "k", "v")  # column blocks of the fused attention projection
 
 

@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,9 +32,12 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from comp.config import MODALITY_ORDER, TrainConfig
+from comp.config import TrainConfig
 from comp.seeding import deterministic, mask_rng, seed_everything
-from pipeline.devices import resolve_device
+from core import __version__
+from core.clip import MODALITIES
+from core.devices import resolve_device
+from core.errors import CompError
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +48,7 @@ REFIT_NAME = "refit.pt"
 LOWER_IS_BETTER = frozenset({"mae", "mse", "rmse", "loss"})
 
 
-class TrainingError(RuntimeError):
+class TrainingError(CompError, RuntimeError):
     """Training cannot go on (diverged, no usable data); the message says what to change."""
 
 
@@ -96,7 +98,7 @@ class EvalResult:
     def coordinator(self) -> dict[str, float] | None:
         if self.weight_sum is None or self.weight_count == 0:
             return None
-        return {m: float(w) for m, w in zip(MODALITY_ORDER, self.weight_sum / self.weight_count)}
+        return {m: float(w) for m, w in zip(MODALITIES, self.weight_sum / self.weight_count)}
 
 
 def _score(result: EvalResult, task: str, label_names: Sequence[str], errors_on: str = "all") -> EvalResult:
@@ -106,7 +108,7 @@ def _score(result: EvalResult, task: str, label_names: Sequence[str], errors_on:
     result.metrics = score(task, result.y_true, result.logits, label_names, errors_on=errors_on)
     result.loss = fused_loss(task, result.y_true, result.logits)
     result.heads = {m: score(task, result.y_true, result.head_logits[m], label_names, errors_on=errors_on)
-                    for m in MODALITY_ORDER}
+                    for m in MODALITIES}
     return result
 
 
@@ -117,7 +119,7 @@ def pool_results(results: Sequence[EvalResult], task: str, label_names: Sequence
     pooled = EvalResult(
         y_true=np.concatenate([r.y_true for r in results]),
         logits=np.concatenate([r.logits for r in results]),
-        head_logits={m: np.concatenate([r.head_logits[m] for r in results]) for m in MODALITY_ORDER},
+        head_logits={m: np.concatenate([r.head_logits[m] for r in results]) for m in MODALITIES},
         weight_sum=np.sum(sums, axis=0) if sums else None,
         weight_count=sum(r.weight_count for r in results if r.weight_sum is not None))
     return _score(pooled, task, label_names, errors_on)
@@ -130,7 +132,7 @@ def evaluate(model: torch.nn.Module, batches, *, stage: int, task: str, label_na
     comp.metrics.score)."""
     model.eval()
     ys, fused, weight_sum, weight_count = [], [], None, 0
-    heads: dict[str, list[np.ndarray]] = {m: [] for m in MODALITY_ORDER}
+    heads: dict[str, list[np.ndarray]] = {m: [] for m in MODALITIES}
     with torch.inference_mode():
         for item in batches:
             batch = item.batch.to(device)
@@ -139,7 +141,7 @@ def evaluate(model: torch.nn.Module, batches, *, stage: int, task: str, label_na
             rows = item.labelled.to(device)
             ys.append(batch.targets[rows].cpu().numpy())
             fused.append(out.logits[rows].float().cpu().numpy())
-            for m in MODALITY_ORDER:
+            for m in MODALITIES:
                 heads[m].append(out.head_logits[m][rows].float().cpu().numpy())
             if out.weights is not None:
                 valid = batch.valid
@@ -277,7 +279,7 @@ def fit_run(conversations: Sequence[Any], plan: Any, cfg: TrainConfig, seed: int
 
     train_c = select(conversations, plan.train)
     if q.raw_features:  # §9.17: the released code feeds the features as stored
-        normalizer = Normalizer.identity({m: int(train_c[0].features[m].shape[1]) for m in MODALITY_ORDER})
+        normalizer = Normalizer.identity({m: int(train_c[0].features[m].shape[1]) for m in MODALITIES})
     else:
         normalizer = Normalizer.fit(train_c)
     train_packed = pack(normalizer.apply(train_c))
@@ -299,7 +301,7 @@ def fit_run(conversations: Sequence[Any], plan: Any, cfg: TrainConfig, seed: int
     seed_everything(seed)
     rng = mask_rng(seed)
     order_rng = np.random.default_rng([seed, 1])
-    input_dims = {m: int(train_packed.features[m].shape[1]) for m in MODALITY_ORDER}
+    input_dims = {m: int(train_packed.features[m].shape[1]) for m in MODALITIES}
     n_outputs = _n_outputs(task, label_names)
     model = ComP(cfg.model, input_dims, n_outputs, task).to(device)
 
@@ -582,8 +584,6 @@ class ProtocolResult:
 
 def checkpoint_meta(outcome: RunOutcome, cfg: TrainConfig, data) -> dict:
     """Everything comp-predict needs besides the weights (the store contract: spec, labels, dims)."""
-    from pipeline import __version__
-
     header = data.header
     return {
         "train_config": _to_dict(cfg), "task": header.task, "label_names": list(header.label_names),
@@ -610,20 +610,20 @@ def run_summary(outcome: RunOutcome) -> dict:
 
 
 def _to_dict(cfg: TrainConfig) -> dict:
-    from pipeline.configuration import to_dict
+    from core.config import to_dict
 
     return to_dict(cfg)
 
 
 def train_protocol(data, cfg: TrainConfig, *, hooks: TrainHooks | None = None,
-                   run_dir: Path | None = None, parallel: Any = None) -> ProtocolResult:
-    """Every planned fold x seed. Per-run checkpoints go to `run_dir` as each run finishes.
+                   on_run: Callable[[RunOutcome], None] | None = None, parallel: Any = None) -> ProtocolResult:
+    """Every planned fold x seed. `on_run(outcome)` is called as each run finishes, on the process that keeps
+    its outputs (the pipeline saves the run's checkpoint there).
 
     `parallel` (comp.parallel.Parallel): call on every rank. Data parallel: the ranks train each run together
-    and rank 0 saves the checkpoints. Fan-out: rank r trains runs r, r + N, ... (in plan order) and saves
-    their checkpoints; every rank returns all runs' records, rank 0 alone holds the best run's weights.
+    and rank 0 calls `on_run`. Fan-out: rank r trains runs r, r + N, ... (in plan order) and calls `on_run` for
+    them; every rank returns all runs' records, rank 0 alone holds the best run's weights.
     """
-    from comp.checkpoint import save_checkpoint
     from comp.data import DataError, build_conversations, plan_folds
     from comp.masks import parse_missing
     from comp.metrics import summarize
@@ -677,9 +677,8 @@ def train_protocol(data, cfg: TrainConfig, *, hooks: TrainHooks | None = None,
                 outcome = fit_run(conversations, plan, cfg, seed, task=task, label_names=label_names,
                                   device=device, hooks=hooks, parallel=None if fan_out else parallel)
                 records_by_run[k] = outcome.records
-                if run_dir is not None and cfg.save_run_checkpoints and writes:
-                    save_checkpoint(Path(run_dir) / f"fold{plan.name}-seed{seed}.pt", outcome.state_dict,
-                                    checkpoint_meta(outcome, cfg, data))
+                if on_run is not None and writes:
+                    on_run(outcome)
                 if best is None or _better_run(outcome, k, best, best_index):
                     best, best_index = outcome, k
                 else:
@@ -720,7 +719,7 @@ def _gather_fan_out(parallel: Any, error: Exception | None, best: RunOutcome | N
     The best is chosen as one process would (comp.selection): ties that survive the validation loss go to the
     earlier run in plan order, whichever rank trained it.
     """
-    from pipeline.distributed import agree, all_gather, gather_to_main
+    from core.distributed import agree, all_gather, gather_to_main
 
     agree(parallel.job, error)
     merged: dict[int, list[dict]] = {}
@@ -744,98 +743,6 @@ def _better_run(new: RunOutcome, new_index: int, best: RunOutcome, best_index: i
 
     return better_run(new.selection_metric, Candidate(new.selection_score, new.selection_loss, new_index),
                       Candidate(best.selection_score, best.selection_loss, best_index))
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, (np.floating, np.integer)):
-        return _json_safe(obj.item())
-    if isinstance(obj, np.ndarray):
-        return _json_safe(obj.tolist())
-    if isinstance(obj, Mapping):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_json_safe(data), indent=1, allow_nan=False), encoding="utf-8")
-    tmp.replace(path)
-
-
-def _run_baselines(data, cfg: TrainConfig, out_dir: Path) -> dict | None:
-    """The baselines hook: comp.baselines.run_baselines when that module exists, else nothing."""
-    import importlib
-    import importlib.util
-
-    if not cfg.baselines or importlib.util.find_spec("comp.baselines") is None:
-        return None
-    module = importlib.import_module("comp.baselines")
-    if not hasattr(module, "run_baselines"):
-        return None
-    log.info("fitting the baselines on the same splits and masks")
-    return module.run_baselines(data=data, cfg=cfg, out_dir=out_dir)
-
-
-def run_training(store: str | Path, cfg: TrainConfig, out_dir: str | Path, *,
-                 hooks: TrainHooks | None = None, parallel: Any = None) -> ProtocolResult:
-    """comp-train: read the store, run the protocol, write best.pt, runs/, metrics.json, config.yaml, report.
-
-    With `parallel` every rank calls this; rank 0 writes the outputs (fan-out: each rank also writes the
-    per-run checkpoints of its runs) and the other ranks return their result without writing.
-    """
-    from comp.checkpoint import save_checkpoint
-    from pipeline.configuration import dump_yaml
-    from pipeline.store import read_store
-
-    main = parallel is None or parallel.is_main
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if main:
-        dump_yaml(cfg, out / "config.yaml")
-    data = read_store(store)
-    log.info("store %s: %s, labels %s, dims %s", store, data.header.task, list(data.header.label_names),
-             {m: i.dim for m, i in data.header.modalities.items()})
-    result = train_protocol(data, cfg, hooks=hooks, run_dir=out / "runs", parallel=parallel)
-    result.out_dir = out
-    ddp = parallel is not None and parallel.data_parallel
-    if cfg.refit and (ddp or result.best is not None):  # fan-out: rank 0 alone holds the best run
-        result.refit = refit_run(data, cfg, result.best, hooks=hooks, parallel=parallel if ddp else None)
-    if not main:
-        return result
-    best = run_summary(result.best) if result.best is not None else None
-    refit = None
-    if result.best is not None:
-        save_checkpoint(out / "best.pt", result.best.state_dict, checkpoint_meta(result.best, cfg, data))
-    if result.refit is not None:
-        refit_cfg = dataclasses.replace(cfg, epochs=result.refit.main_record["best_epoch"])
-        meta = checkpoint_meta(result.refit, refit_cfg, data)
-        meta["metrics"]["refit_of"] = result.best.name
-        refit = meta["metrics"]
-        save_checkpoint(out / REFIT_NAME, result.refit.state_dict, meta)
-    result.baselines = _run_baselines(data, cfg, out)
-    metrics = {
-        "task": data.header.task, "label_names": list(data.header.label_names), "variant": cfg.model.variant,
-        "missing": cfg.missing, "condition": result.main_condition, "selected_on": result.selected_on,
-        "selection_metric": result.best.selection_metric if result.best else None,
-        "best_run": best, "refit": refit, "splits": result.splits, "warnings": result.warnings,
-        "summary": result.summary, "summary_by_condition": result.summary_by_condition,
-        "runs": result.runs, "baselines": result.baselines,
-    }
-    _write_json(out / "metrics.json", metrics)
-    try:
-        from comp.report import write_report
-    except ImportError:
-        log.warning("comp.report is not available; no report.html written")
-    else:
-        saved = {"best": best, "n_runs": result.n_runs, "splits": result.splits, "warnings": result.warnings,
-                 "refit": refit}
-        write_report(out, result.runs, result.summary, result.baselines, saved=saved)
-    log.info("%s", result.summary_text())
-    return result
 
 
 def refit_run(data, cfg: TrainConfig, best: RunOutcome, *, hooks: TrainHooks | None = None,

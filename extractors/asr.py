@@ -69,8 +69,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from core.clip import SAMPLE_RATE, ClipInput
+from core.errors import ConfigError
 from extractors import vad
-from extractors.base import SAMPLE_RATE, ClipInput, Extractor, ExtractorOutput, register
+from extractors.base import Extractor, ExtractorOutput, register
 from extractors.packaged import (
     PACKAGED_PREFIX,
     ModelUnavailableError,
@@ -79,7 +81,6 @@ from extractors.packaged import (
     resolve_model,
     unavailable,
 )
-from pipeline.configuration import ConfigError
 
 logger = logging.getLogger(__name__)
 

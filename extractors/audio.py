@@ -26,11 +26,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from core.clip import SAMPLE_RATE, ClipInput
+from core.errors import ConfigError
 from extractors import asr, vad
-from extractors.base import SAMPLE_RATE, ClipInput, Extractor, ExtractorOutput, register
+from extractors.base import Extractor, ExtractorOutput, register
 from extractors.packaged import hf_identity, load_hf
 from extractors.pooling import LayerSpec, check_depth, combine_layers, describe_layers, masked_sum, validate_layers
-from pipeline.configuration import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -15,26 +15,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from pipeline.configuration import from_dict
-
-SAMPLE_RATE = 16_000  # Hz; every audio array handed to an extractor is mono float32 at this rate
-STAGES: tuple[str, ...] = ("asr", "audio", "text", "visual")
-
-
-@dataclass
-class ClipInput:
-    """A decoded clip plus what earlier extractors found out about it."""
-
-    clip_id: str
-    audio: np.ndarray | None  # float32 [n_samples] at SAMPLE_RATE, or None
-    audio_reason: str  # "" when audio is usable, else why not ("no-audio-stream", "silent", "decode-error: ...")
-    frames: np.ndarray | None  # uint8 RGB [T, H, W, 3] sampled frames, or None
-    frames_reason: str  # "" when frames exist, else why not ("no-video-stream", "decode-error: ...")
-    duration_s: float
-    frame_times_s: np.ndarray | None = None  # [T] timestamps of `frames`
-    transcript: str | None = None  # set by the ASR extractor; None until then
-    text_reason: str = ""  # set by the ASR extractor when there is no usable transcript
-    shared: dict[str, Any] = field(default_factory=dict)  # cross-extractor cache (e.g. Whisper encoder states)
+from core.clip import STAGES, ClipInput
+from core.config import from_dict
 
 
 @dataclass

@@ -16,7 +16,8 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 
-from pipeline.configuration import ConfigError, from_dict, to_dict
+from core.config import from_dict, to_dict
+from core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

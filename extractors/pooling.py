@@ -64,7 +64,7 @@ def validate_layers(spec: LayerSpec) -> None:
 
 def check_depth(spec: LayerSpec, n_states: int, key: str = "layers") -> None:
     """Raise ConfigError (naming `key`) when the spec does not fit a model with `n_states` hidden states."""
-    from pipeline.configuration import ConfigError
+    from core.errors import ConfigError
 
     try:
         parse_layers(spec, n_states)

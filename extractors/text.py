@@ -20,10 +20,11 @@ from typing import Any
 
 import torch
 
-from extractors.base import ClipInput, Extractor, ExtractorOutput, register
+from core.clip import ClipInput
+from core.errors import ConfigError
+from extractors.base import Extractor, ExtractorOutput, register
 from extractors.packaged import hf_identity, load_hf
 from extractors.pooling import LayerSpec, check_depth, combine_layers, describe_layers, masked_sum, validate_layers
-from pipeline.configuration import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from extractors.base import SAMPLE_RATE, ClipInput
+from core.clip import SAMPLE_RATE, ClipInput
 
 SILENT_PEAK = 2.0 / 32768  # full scale = 1.0; a clip that never exceeds two 16-bit steps holds nothing
 PEAK_TARGET = 0.5  # the clip's peak is scaled to this before the VAD scores it

@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from extractors.base import ClipInput, Extractor, ExtractorOutput, register
+from core.clip import ClipInput
+from extractors.base import Extractor, ExtractorOutput, register
 from extractors.faces import Box, HaarConfig, build_detector, largest
 from extractors.mini_xception import EMBED_DIM, INPUT_SIZE, FaceExpressionEncoder
 from extractors.packaged import file_sha256, load_hf

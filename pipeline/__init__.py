@@ -1,3 +1,1 @@
-"""comp-mer pipeline: decoding, the extraction run, the feature store, import, prediction and the CLIs."""
-
-__version__ = "0.1.0"
+"""comp-mer pipeline: decoding, extraction runs, the feature store, import, training runs, prediction, the CLIs."""

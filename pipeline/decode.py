@@ -33,7 +33,7 @@ from typing import Any
 import av
 import numpy as np
 
-from extractors.base import SAMPLE_RATE, ClipInput
+from core.clip import SAMPLE_RATE, ClipInput
 
 log = logging.getLogger(__name__)
 

@@ -49,17 +49,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from extractors.base import ClipInput, Extractor, ExtractorOutput, ProgressHook
-from pipeline.configuration import ConfigError, from_dict, to_dict
+from core import devices
+from core.clip import MODALITIES, STAGES, ClipInput
+from core.config import from_dict, to_dict
+from core.distributed import DistributedError, Job, agree, all_gather, run_on_main
+from core.errors import ConfigError
+from core.records import ClipRecord, ModalityInfo, ModalityValue, StoreData, StoreError, StoreHeader, spec_hash
+from extractors.base import Extractor, ExtractorOutput, ProgressHook
 from pipeline.decode import RULES_VERSION as DECODE_RULES
 from pipeline.decode import DecodeConfig, DecodeError, decode_clip
-from pipeline.distributed import DistributedError, Job, agree, all_gather, run_on_main
-from pipeline import devices
-from pipeline.extract_config import (STAGE_NAMES, ExtractionConfig, StageConfig, extractor_class,
-                                     extractor_config, import_plugins)
+from pipeline.extract_config import ExtractionConfig, StageConfig, extractor_class, extractor_config, import_plugins
 from pipeline.inputs import ClipItem, InputError, check_unique_ids, infer_task
-from pipeline.store import (MODALITIES, SCHEMA_VERSION, ClipRecord, ModalityInfo, ModalityValue, StoreError,
-                            StoreData, StoreHeader, StoreWriter, read_header, read_store, spec_hash)
+from pipeline.store import SCHEMA_VERSION, StoreWriter, read_header, read_store
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class ExtractionError(RuntimeError):
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """`pipeline.devices.resolve_device`, failing as an ExtractionError (a systemic failure of the run)."""
+    """`core.devices.resolve_device`, failing as an ExtractionError (a systemic failure of the run)."""
     try:
         return devices.resolve_device(device)
     except ValueError as err:
@@ -86,7 +87,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 def spec_rules(spec: Mapping[str, Any]) -> dict[str, Any]:
     """The rule versions an extraction spec was made under: decoding, and each stage that declares some."""
     rules = {"decode": (spec.get("rules") or {}).get("decode")}
-    for stage in STAGE_NAMES:
+    for stage in STAGES:
         stage_spec = (spec.get(stage) or {}).get("spec") or {}
         if "rules" in stage_spec:
             rules[stage] = stage_spec["rules"]
@@ -132,7 +133,7 @@ class Extraction:
             "decode": to_dict(cfg.decode),
             "plugins": list(cfg.plugins),
             **{s: {"name": cfg.stage(s).name, "config": to_dict(self.extractors[s].config),
-                   "spec": self.extractors[s].spec()} for s in STAGE_NAMES},
+                   "spec": self.extractors[s].spec()} for s in STAGES},
         }
         self.spec_hash = spec_hash(self.spec)
         self.header_modalities: dict[str, ModalityInfo] = {}
@@ -152,7 +153,7 @@ class Extraction:
         device = resolve_device(device)
         import_plugins(cfg.plugins)
         extractors = {}
-        for stage in STAGE_NAMES:
+        for stage in STAGES:
             sc = cfg.stage(stage)
             extractor_cls = extractor_class(stage, sc.name)  # ConfigError on an unknown name
             ecfg = extractor_config(stage, sc)  # ConfigError on a bad key or value
@@ -179,10 +180,10 @@ class Extraction:
             import_plugins(spec.get("plugins", []))
             cfg = ExtractionConfig(
                 decode=from_dict(DecodeConfig, spec["decode"], "decode"),
-                **{s: StageConfig(spec[s]["name"], dict(spec[s]["config"])) for s in STAGE_NAMES},
+                **{s: StageConfig(spec[s]["name"], dict(spec[s]["config"])) for s in STAGES},
                 batch_size=batch_size, num_workers=num_workers, plugins=tuple(spec.get("plugins", [])),
             )
-            for s in STAGE_NAMES:
+            for s in STAGES:
                 extractor_config(s, cfg.stage(s))
         except (ConfigError, KeyError, TypeError) as err:
             raise ExtractionError(f"the stored extraction spec cannot be honoured: {err}") from err
@@ -219,8 +220,8 @@ class Extraction:
     def run_batch(self, batch: Sequence[_Decoded]) -> list[ClipRecord]:
         """Run the four stages on a batch of decoded clips (decode failures pass through as errors)."""
         errors: dict[int, str] = {i: d.error for i, d in enumerate(batch) if d.clip is None}
-        outputs: dict[str, dict[int, ExtractorOutput]] = {s: {} for s in STAGE_NAMES}
-        for stage in STAGE_NAMES:
+        outputs: dict[str, dict[int, ExtractorOutput]] = {s: {} for s in STAGES}
+        for stage in STAGES:
             live = [i for i in range(len(batch)) if i not in errors]
             if not live:
                 break
@@ -237,7 +238,7 @@ class Extraction:
             if i in errors:
                 records.append(_error_record(d.item, errors[i], d.clip))
             else:
-                records.append(self._record(d, {s: outputs[s][i] for s in STAGE_NAMES}))
+                records.append(self._record(d, {s: outputs[s][i] for s in STAGES}))
         for d in batch:  # free decoded media and cached encoder states as soon as the batch is done
             if d.clip is not None:
                 d.clip.shared.clear()
@@ -287,7 +288,7 @@ class Extraction:
         clip, item = d.clip, d.item
         assert clip is not None
         diagnostics: dict[str, float] = {}
-        for stage in STAGE_NAMES:
+        for stage in STAGES:
             for key, value in outputs[stage].diagnostics.items():
                 try:
                     diagnostics[key] = float(value)
@@ -448,7 +449,7 @@ class ExtractionSummary:
         rtf = f", real-time factor {self.real_time_factor:.2f}" if self.processed and self.media_s > 0 else ""
         lines.append(f"time       {self.wall_s:.1f} s, {speed}{rtf}")
         if self.processed and self.stage_s:
-            order = ("decode", "decode-wait", *STAGE_NAMES, "write")
+            order = ("decode", "decode-wait", *STAGES, "write")
             parts = [f"{k} {self.stage_s[k]:.1f} s" for k in order if self.stage_s.get(k, 0.0) > 0]
             lines.append(f"stages     {', '.join(parts)}  (decode runs in threads, beside the models)")
         if self.failures_path is not None:
@@ -702,7 +703,7 @@ def _ids_digest(items: Sequence[ClipItem]) -> str:
 
 
 def _agree_on_call(job: Job, fn: Any) -> Any:
-    """fn() on every rank; if it raised on any rank, every rank raises (see pipeline.distributed.agree)."""
+    """fn() on every rank; if it raised on any rank, every rank raises (see core.distributed.agree)."""
     result, error = None, None
     try:
         result = fn()

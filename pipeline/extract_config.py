@@ -17,11 +17,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from core.clip import STAGES
+from core.config import from_dict, load_yaml, to_dict
+from core.errors import ConfigError
 from pipeline import presets
-from pipeline.configuration import ConfigError, from_dict, load_yaml, to_dict
 from pipeline.decode import DecodeConfig
-
-STAGE_NAMES: tuple[str, ...] = ("asr", "audio", "text", "visual")
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ def with_stage_defaults(cfg: ExtractionConfig) -> ExtractionConfig:
     """A copy whose stage settings list every key of the extractor configs (so `--set` can reach them)."""
     import_plugins(cfg.plugins)
     stages = {s: StageConfig(cfg.stage(s).name, to_dict(extractor_config(s, cfg.stage(s))))
-              for s in STAGE_NAMES}
+              for s in STAGES}
     return replace(cfg, **stages)
 
 

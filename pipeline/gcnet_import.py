@@ -26,9 +26,10 @@ from typing import Any
 
 import numpy as np
 
+from core.clip import MODALITIES
+from core.records import ZERO_VECTOR_REASON, ClipRecord, ModalityInfo, ModalityValue, StoreHeader
 from pipeline.safe_pickle import safe_load
-from pipeline.store import (MODALITIES, ZERO_VECTOR_REASON, ClipRecord, ModalityInfo, ModalityValue, StoreHeader,
-                            write_store)
+from pipeline.store import write_store
 
 log = logging.getLogger(__name__)
 

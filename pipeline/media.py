@@ -27,7 +27,7 @@ import av
 import cv2
 import numpy as np
 
-from extractors.base import SAMPLE_RATE
+from core.clip import SAMPLE_RATE
 from pipeline.decode import resample_audio
 
 log = logging.getLogger(__name__)

@@ -30,10 +30,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from comp.config import MODALITY_ORDER
-from pipeline import __version__
+from core import __version__
+from core.clip import MODALITIES, STAGES
+from core.records import ClipRecord, spec_hash
 from pipeline.inputs import MEDIA_EXTENSIONS, ClipItem, discover_folder, is_media
-from pipeline.store import ClipRecord, spec_hash
 
 if TYPE_CHECKING:
     from comp.batch import ComPBatch
@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 CHECKPOINT_NAME = "best.pt"  # what comp-train writes into a run folder
 ASR_DIAGNOSTICS = ("asr_no_speech_prob", "asr_avg_logprob", "asr_compression_ratio", "speech_ratio")
 FACE_DIAGNOSTICS = ("frames_sampled", "frames_with_face")
-EXTRACT_STAGES = ("asr", "audio", "text", "visual")  # Extraction.seconds keys that count as "extract"
 
 
 class PredictError(RuntimeError):
@@ -187,7 +186,7 @@ class Predictor:
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto") -> "Predictor":
         """Load the checkpoint and rebuild its extractors; PredictError (one line) when it cannot be honoured."""
         from comp.checkpoint import CheckpointError, build_model_from_checkpoint, load_checkpoint
-        from pipeline.devices import resolve_device
+        from core.devices import resolve_device
 
         checkpoint = resolve_checkpoint(path)
         try:
@@ -221,12 +220,12 @@ class Predictor:
     def predict_item(self, item: ClipItem) -> ClipPrediction:
         """Decode, extract and predict one clip, alone, so that no other clip can change its answer."""
         seconds = self.extraction.seconds
-        before = {k: seconds.get(k, 0.0) for k in (*EXTRACT_STAGES, "decode")}
+        before = {k: seconds.get(k, 0.0) for k in (*STAGES, "decode")}
         records = list(self.extraction.extract_paths([item]))
         if len(records) != 1:
             raise PredictError(f"{item.path}: extraction returned {len(records)} records for one clip")
         timings = {"decode": (seconds.get("decode", 0.0) - before["decode"]) * 1e3,
-                   "extract": sum(seconds.get(k, 0.0) - before[k] for k in EXTRACT_STAGES) * 1e3}
+                   "extract": sum(seconds.get(k, 0.0) - before[k] for k in STAGES) * 1e3}
         return self.predict_record(records[0], clip=str(item.path), timings_ms=timings)
 
     def predict_record(self, record: ClipRecord, *, clip: str | None = None,
@@ -252,9 +251,9 @@ class Predictor:
         """The clip as a batch of one conversation of one utterance: normalised features, present flags."""
         from comp.batch import ComPBatch
 
-        present = np.array([[[record.modalities[m].features is not None for m in MODALITY_ORDER]]])  # [1,1,3]
+        present = np.array([[[record.modalities[m].features is not None for m in MODALITIES]]])  # [1,1,3]
         raw = {}
-        for m in MODALITY_ORDER:
+        for m in MODALITIES:
             value = record.modalities[m].features
             # an absent row is zeros *and* present=False: the mask, not the value, tells the model it is missing
             vec = np.zeros(self.input_dims[m], np.float32) if value is None else np.asarray(value, np.float32)
@@ -262,7 +261,7 @@ class Predictor:
         if self.normalizer is not None:
             raw = self.normalizer.transform(raw, present)
         return ComPBatch(features={m: torch.from_numpy(np.ascontiguousarray(raw[m], np.float32)).to(self.device)
-                                   for m in MODALITY_ORDER},
+                                   for m in MODALITIES},
                          present=torch.from_numpy(present).to(self.device),
                          valid=torch.ones(1, 1, dtype=torch.bool, device=self.device))
 
@@ -286,7 +285,7 @@ class Predictor:
     @staticmethod
     def _modality_report(record: ClipRecord) -> dict[str, dict[str, Any]]:
         report = {}
-        for m in MODALITY_ORDER:
+        for m in MODALITIES:
             value = record.modalities[m]
             entry: dict[str, Any] = {"present": value.features is not None}
             if value.features is None:
@@ -348,7 +347,7 @@ def _build_normalizer(meta: Mapping[str, Any], checkpoint: Path) -> Any | None:
     except Exception as err:  # noqa: BLE001
         raise PredictError(f"{checkpoint}: its feature normalizer cannot be read: {_one_line(err)}") from None
     dims = {m: int(d) for m, d in meta["input_dims"].items()}
-    wrong = {m: len(normalizer.mean[m]) for m in MODALITY_ORDER if len(normalizer.mean[m]) != dims.get(m)}
+    wrong = {m: len(normalizer.mean[m]) for m in MODALITIES if len(normalizer.mean[m]) != dims.get(m)}
     if wrong:
         raise PredictError(f"{checkpoint}: its normalizer has dims {wrong}, its model expects {dims}; "
                            "the checkpoint is inconsistent, retrain it")

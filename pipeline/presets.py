@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.configuration import ConfigError
+from core.errors import ConfigError
 
 CONFIGS_ENV = "COMP_MER_CONFIGS"  # optional folder searched first
 

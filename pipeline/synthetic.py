@@ -26,8 +26,9 @@ from types import MappingProxyType
 
 import numpy as np
 
-from pipeline.store import (MODALITIES, ClipRecord, ModalityInfo, ModalityValue, StoreHeader, canonical_json,
-                            write_store)
+from core.clip import MODALITIES
+from core.records import ClipRecord, ModalityInfo, ModalityValue, StoreHeader, canonical_json
+from pipeline.store import write_store
 
 log = logging.getLogger(__name__)
 

@@ -31,6 +31,7 @@ def main() -> None:
 
     torch.set_num_threads(1)  # as the test suite runs (tests/conftest.py)
     from fake_extractors import fake_config_dict, make_media
+
     from pipeline.extract import run_extraction
     from pipeline.extract_config import config_from_dict
     from pipeline.inputs import collect_inputs

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from extractors.base import ClipInput, Extractor, ExtractorOutput, register
+from core.clip import ClipInput
+from extractors.base import Extractor, ExtractorOutput, register
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ def sha256(text: str | bytes) -> str:
 
 def preset_specs() -> dict[str, dict[str, Any]]:
     """Every extraction preset resolved with its extractors' defaults: {name: {"config", "hash"}}."""
-    from pipeline.configuration import to_dict
+    from core.config import to_dict
     from pipeline.extract_config import available_presets, load_preset, with_stage_defaults
 
     out = {}
@@ -73,7 +73,7 @@ def checkpoint_digest(path: Path) -> dict[str, Any]:
     """A checkpoint's meta (hashed, and the fields that rebuild the model) and a hash of its weights."""
     from comp.checkpoint import load_checkpoint
     from comp.config import TrainConfig
-    from pipeline.configuration import from_dict, to_dict
+    from core.config import from_dict, to_dict
 
     state, meta = load_checkpoint(path)
     weights = hashlib.sha256()
@@ -122,7 +122,7 @@ def tiny_config() -> Any:
 
 def train_tiny(store: Path, out: Path) -> None:
     """A tiny comp-train run (two seeds, three fixed conditions, baselines) into `out`."""
-    from comp.train import run_training
+    from pipeline.train import run_training
 
     run_training(store, tiny_config(), out)
 

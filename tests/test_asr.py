@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
+from core.clip import SAMPLE_RATE, ClipInput
 from extractors import asr, base, vad
 from extractors.asr import RESULT_KEY, WhisperASR
 from extractors.audio import WhisperEncoderFeatures
-from extractors.base import SAMPLE_RATE, ClipInput
 from extractors.packaged import ModelUnavailableError
 
 MODEL = "packaged:whisper-base"

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from core.clip import SAMPLE_RATE, ClipInput
 from extractors import base
 from extractors.audio import HFAudioEncoder, chunk_bounds
-from extractors.base import SAMPLE_RATE, ClipInput
 from extractors.packaged import ModelUnavailableError, minilm_path
 from extractors.pooling import combine_layers, parse_layers
 from extractors.text import HFTextEncoder
@@ -159,7 +159,7 @@ def test_layer_spec_parsing() -> None:
 
 def test_bad_layer_spec_is_a_config_error() -> None:
     """A malformed layer spec is rejected when the config is built, naming the key."""
-    from pipeline.configuration import ConfigError
+    from core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="layers"):
         HFAudioEncoder({"model": "unused", "layers": "middle"})
@@ -239,7 +239,7 @@ def test_unreachable_hub_model_is_one_clear_error() -> None:
 
 def test_layers_beyond_the_model_depth_is_a_config_error(deberta_dir: Path) -> None:
     """Asking a 2-layer model for its last 4 layers fails at build time with the key named."""
-    from pipeline.configuration import ConfigError
+    from core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="layers.*3 hidden states"):
         HFTextEncoder({"model": str(deberta_dir), "layers": "sum-last-4"})

@@ -31,7 +31,7 @@ def test_context_baseline_beats_context_free_when_the_conversation_matters(tmp_p
     """With a per-conversation latent, the conversation mean lifts the linear model's weighted F1."""
     store = make_synthetic_store(tmp_path / "conv.h5", n_conversations=120, utterances=(6, 12),
                                  conversation_offset=2.0, folds=3, seed=1)
-    result = run_baselines(data=read_store(store), cfg=TrainConfig(missing="random:0.3"), out_dir=tmp_path)
+    result = run_baselines(data=read_store(store), cfg=TrainConfig(missing="random:0.3"))
     context = result["linear+mask+context"]["summary"]["wf1"]["mean"]
     assert context > result["linear+mask"]["summary"]["wf1"]["mean"] + 0.03
     assert context > result["linear"]["summary"]["wf1"]["mean"] + 0.03
@@ -56,7 +56,7 @@ def test_baselines_score_the_loops_masked_test_sets(small, monkeypatch):
                       baselines=False)
     train_protocol(small, cfg)
     who["now"] = "baselines"
-    run_baselines(data=small, cfg=cfg, out_dir=None)
+    run_baselines(data=small, cfg=cfg)
     loop = {c["key"]: c["present"] for c in calls["loop"]}
     assert calls["baselines"] and len(loop) == 2  # one val and one test set (one plan, masks seeded by cfg.seed)
     for call in calls["baselines"]:
@@ -69,7 +69,7 @@ def test_baselines_score_the_loops_masked_test_sets(small, monkeypatch):
 def test_runs_follow_the_loops_plans_seeds_and_conditions(small):
     """One record per fold x seed x condition, named as the loop names them, pooled last = the summary."""
     cfg = TrainConfig(missing="fixed:a,at", seeds=2, val_fraction=0.2)
-    result = run_baselines(data=small, cfg=cfg, out_dir=None)
+    result = run_baselines(data=small, cfg=cfg)
     assert list(result) == NAMES
     for b in result.values():
         assert [(r["seed"], r["condition"]) for r in b["runs"]] == \
@@ -80,7 +80,7 @@ def test_runs_follow_the_loops_plans_seeds_and_conditions(small):
 
 def test_a_modality_absent_everywhere_leaves_only_the_intercept(small):
     """Under fixed:a the text-only baseline sees zero vectors and predicts one class (UA = 1 / #classes)."""
-    result = run_baselines(data=small, cfg=TrainConfig(missing="fixed:a"), out_dir=None)
+    result = run_baselines(data=small, cfg=TrainConfig(missing="fixed:a"))
     test = result["text"]["runs"][0]["test"]
     labels = small.label[np.isin(small.conversation, _test_conversations(small))]
     assert test["ua"] == pytest.approx(1.0 / len(set(labels.tolist())))
@@ -95,7 +95,7 @@ def _test_conversations(data):
 def test_faithful_variant_selects_on_the_paper_plan(small):
     """Under the faithful variant the regularisation is chosen on the plan's val = test set, and says so."""
     cfg = TrainConfig(model=ModelConfig(variant="faithful"))
-    result = run_baselines(data=small, cfg=cfg, out_dir=None)
+    result = run_baselines(data=small, cfg=cfg)
     assert {r["selected_on"] for b in result.values() for r in b["runs"]} == {"test (paper protocol)"}
 
 
@@ -103,7 +103,7 @@ def test_regression_store_gets_regression_metrics(tmp_path):
     """A regression store is fitted with ridge and scored with the regression metric names."""
     store = make_synthetic_store(tmp_path / "reg.h5", task="regression", n_conversations=20, utterances=(3, 8),
                                  seed=2)
-    result = run_baselines(data=read_store(store), cfg=TrainConfig(), out_dir=None)
+    result = run_baselines(data=read_store(store), cfg=TrainConfig())
     assert set(result["linear"]["summary"]) == set(REGRESSION_METRICS)
     assert result["linear"]["summary"]["corr"]["mean"] > 0.5
 
@@ -173,7 +173,7 @@ def test_comp_clean_matches_the_context_baseline_when_trained_long_enough(tmp_pa
 def test_runs_carry_the_confusion_their_scores_come_from(small):
     """Each classification run keeps its test confusion matrix: it counts every test utterance once, its
     diagonal gives the run's ACC and its per-class recalls average to the run's UA."""
-    result = run_baselines(data=small, cfg=TrainConfig(missing="fixed:a,at"), out_dir=None)
+    result = run_baselines(data=small, cfg=TrainConfig(missing="fixed:a,at"))
     n_test = int(np.isin(small.conversation, _test_conversations(small)).sum())
     for b in result.values():
         for r in b["runs"]:

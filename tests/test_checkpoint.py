@@ -8,10 +8,9 @@ import pickle
 import pytest
 import torch
 
-from comp.checkpoint import (CheckpointError, build_model_from_checkpoint, load_checkpoint, meta_to_json,
-                             save_checkpoint)
+from comp.checkpoint import CheckpointError, build_model_from_checkpoint, load_checkpoint, meta_to_json, save_checkpoint
 from comp.config import ModelConfig, TrainConfig
-from pipeline.configuration import to_dict
+from core.config import to_dict
 
 DIMS = {"audio": 6, "text": 5, "visual": 4}
 

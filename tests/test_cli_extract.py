@@ -3,8 +3,8 @@
 import yaml
 from fake_extractors import fake_config_dict, make_media
 
+from core.config import from_dict
 from pipeline.cli.extract import main
-from pipeline.configuration import from_dict
 from pipeline.extract_config import ExtractionConfig
 from pipeline.store import read_store
 

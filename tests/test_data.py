@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from comp.config import TrainConfig
-from comp.data import (DataError, Normalizer, build_conversations, iterate_batches, pack, plan_folds)
-from pipeline.store import ClipRecord, ModalityInfo, ModalityValue, StoreHeader, read_store, write_store
+from comp.data import DataError, Normalizer, build_conversations, iterate_batches, pack, plan_folds
+from core.records import ClipRecord, ModalityInfo, ModalityValue, StoreHeader
+from pipeline.store import read_store, write_store
 
 DIMS = {"audio": 3, "text": 4, "visual": 2}
 LABELS = ("neu", "hap", "sad")

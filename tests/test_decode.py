@@ -5,10 +5,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from extractors.base import SAMPLE_RATE
+from core.clip import SAMPLE_RATE
 from pipeline.decode import DecodeConfig, DecodeError, decode_clip, probe, resample_audio, sample_times
-from pipeline.media import (AudioTrack, VideoTrack, corrupt_file, corrupt_packets, face_image, lfs_pointer, make_clip,
-                            truncate_file, write_clip, write_tracks)
+from pipeline.media import (
+    AudioTrack,
+    VideoTrack,
+    corrupt_file,
+    corrupt_packets,
+    face_image,
+    lfs_pointer,
+    make_clip,
+    truncate_file,
+    write_clip,
+    write_tracks,
+)
 
 AAC_FRAME = 1024  # samples; AAC rounds the stream up to whole frames
 

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from fake_extractors import fake_config_dict, make_media
 
-from pipeline.distributed import child_environment, free_port, strip_option
+from pipeline.cli.launch import child_environment, free_port, strip_option
 from pipeline.extract import part_path, parts_dir_for, run_extraction, shard_items
 from pipeline.extract_config import config_from_dict
 from pipeline.inputs import ClipItem, collect_inputs
@@ -139,8 +139,8 @@ def test_killed_rank_then_rerun_gives_every_clip_exactly_once(tmp_path):
 
 def test_one_process_rerun_folds_the_parts_of_an_interrupted_job(tmp_path):
     """Rows a killed distributed run left in its parts are merged by a plain rerun, not extracted again."""
+    from core.records import StoreHeader
     from pipeline.extract import Extraction
-    from pipeline.store import StoreHeader
 
     make_media(tmp_path / "in", [f"c{i}.mp4" for i in range(5)], seconds=0.5)
     cfg = config_from_dict(fake_config_dict())
@@ -186,7 +186,7 @@ def _ddp_worker(store: str, out_dir: str) -> None:
     from comp.modulator import GradientModulator
     from comp.parallel import share_rows, start, take_conversations
     from comp.train import _loss
-    from pipeline.distributed import env_from_os
+    from core.distributed import env_from_os
 
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 from fake_extractors import fake_config_dict, make_media
 
+from core.records import spec_hash
 from pipeline.extract import Extraction, ExtractionError, failures_path_for, run_extraction
 from pipeline.extract_config import config_from_dict
 from pipeline.inputs import ClipItem, collect_inputs, read_manifest
 from pipeline.media import corrupt_file
-from pipeline.store import read_header, read_store, spec_hash
+from pipeline.store import read_header, read_store
 
 
 def fake_cfg(**overrides):
@@ -232,7 +233,7 @@ def test_store_and_spec_of_older_rules_are_refused_with_re_extract(tmp_path, mon
     """A store (or a checkpoint's spec) extracted under older decoding rules is refused with "re-extract",
     never resumed into or rebuilt silently; --overwrite redoes it."""
     import pipeline.extract as extract
-    from pipeline.store import StoreError
+    from core.records import StoreError
 
     make_media(tmp_path / "in", ["a.mp4"])
     monkeypatch.setattr(extract, "DECODE_RULES", 1)

@@ -16,10 +16,11 @@ import pytest
 import torch
 
 from comp.batch import ComPBatch
-from comp.config import MODALITY_ORDER, ModelConfig
+from comp.config import ModelConfig
 from comp.losses import comp_loss
 from comp.model import ComP
 from comp.released import load_released, read_released, released_slots
+from core.clip import MODALITIES
 
 GOLDEN = Path(__file__).parent / "data" / "comp-official-tiny.npz"
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -38,7 +39,7 @@ def build(golden: dict[str, np.ndarray], **quirks) -> ComP:
     cfg = ModelConfig(variant="faithful", hidden=int(hidden), depth=int(depth), heads=int(heads), drop_rate=0.0,
                       attn_drop_rate=0.0, prompt_dim=16, n_prototypes=10, momentum=float(lbd), max_len=int(seq),
                       quirks=Quirks(**quirks))
-    dims = dict(zip(MODALITY_ORDER, (int(d) for d in golden["input/dims"])))
+    dims = dict(zip(MODALITIES, (int(d) for d in golden["input/dims"])))
     model = ComP(cfg, dims, int(n_classes), "classification")
     load_released(model, {k[len("param/"):]: v for k, v in golden.items() if k.startswith("param/")})
     return model
@@ -51,7 +52,7 @@ def golden_batch(golden: dict[str, np.ndarray]) -> ComPBatch:
     bounds = np.cumsum([0] + dims)
     valid = torch.from_numpy(golden["input/umask"]) > 0
     present = (torch.from_numpy(golden["input/fmask"]).transpose(0, 1) > 0) & valid[..., None]
-    feats = {m: x[..., bounds[i]:bounds[i + 1]].contiguous() for i, m in enumerate(MODALITY_ORDER)}
+    feats = {m: x[..., bounds[i]:bounds[i + 1]].contiguous() for i, m in enumerate(MODALITIES)}
     return ComPBatch(feats, present, valid, torch.from_numpy(golden["input/label"]))
 
 
@@ -88,7 +89,7 @@ def test_outputs_match_the_released_code(golden, stage: int, mode: str) -> None:
     valid = batch.valid.numpy()
     ref = f"out{stage}_{mode}"
     np.testing.assert_allclose(out.logits.numpy()[valid], golden[f"{ref}/logits"][valid], **TOL)
-    for m, u in zip(MODALITY_ORDER, "atv"):
+    for m, u in zip(MODALITIES, "atv"):
         np.testing.assert_allclose(out.head_logits[m].numpy()[valid], golden[f"{ref}/logits_{u}"][valid], **TOL)
     np.testing.assert_allclose(hidden.numpy(), golden[f"{ref}/hidden"][valid], **TOL)
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pipeline.cli.importer import main
-from pipeline.gcnet_import import (ZERO_REASON, GcnetImportError, import_gcnet, read_label_pickle)
+from pipeline.gcnet_import import ZERO_REASON, GcnetImportError, import_gcnet, read_label_pickle
 from pipeline.safe_pickle import UnsafePickleError, safe_load, safe_loads
 from pipeline.store import read_store
 

@@ -1,15 +1,21 @@
 """Finding clips: folder recursion, manifests, labels from folders, ids and the store's task."""
 
 import math
-import shutil
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from pipeline.inputs import (InputError, collect_inputs, discover_folder, gather_inputs, infer_task, read_manifest,
-                             scan_folder)
+from pipeline.inputs import (
+    InputError,
+    collect_inputs,
+    discover_folder,
+    gather_inputs,
+    infer_task,
+    read_manifest,
+    scan_folder,
+)
 from pipeline.media import AudioTrack, VideoTrack, lfs_pointer, write_clip, write_tracks
 
 

@@ -8,10 +8,19 @@ import pytest
 import torch
 
 from comp.batch import ComPBatch
-from comp.config import MODALITY_ORDER, ModelConfig, Quirks
-from comp.losses import (abs_cosine, anti_label_loss, comp_loss, jensen_shannon, masked_cross_entropy, masked_mse,
-                         reconstruction_loss, task_loss)
+from comp.config import ModelConfig, Quirks
+from comp.losses import (
+    abs_cosine,
+    anti_label_loss,
+    comp_loss,
+    jensen_shannon,
+    masked_cross_entropy,
+    masked_mse,
+    reconstruction_loss,
+    task_loss,
+)
 from comp.model import ComP
+from core.clip import MODALITIES
 
 DIMS = {"audio": 6, "text": 5, "visual": 4}
 
@@ -117,7 +126,7 @@ def test_parts_sum_to_total_and_follow_the_variant(variant: str, stage: int) -> 
     expected = {("clean", 1): {"unimodal", "rec"}, ("faithful", 1): {"unimodal", "anti", "dis"},
                 ("clean", 2): {"task", "unimodal", "rec"}, ("faithful", 2): {"task", "unimodal", "rec", "dis"}}
     assert set(parts) == expected[(variant, stage)]
-    uni = sum(float(task_loss(out.head_logits[u], batch, "classification").detach()) for u in MODALITY_ORDER)
+    uni = sum(float(task_loss(out.head_logits[u], batch, "classification").detach()) for u in MODALITIES)
     k = 2.0 if (variant == "faithful" and stage == 2) else 1.0
     assert parts["unimodal"] == pytest.approx(k * uni, rel=1e-6)
     if stage == 2:

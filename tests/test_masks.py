@@ -6,8 +6,16 @@ import torch
 
 from comp.batch import ComPBatch
 from comp.data import Batch, Conversation
-from comp.masks import (MissingSpec, combine, condition_mask, mask_batch, mask_conversations, parse_missing,
-                        random_mask, test_mask)
+from comp.masks import (
+    MissingSpec,
+    combine,
+    condition_mask,
+    mask_batch,
+    mask_conversations,
+    parse_missing,
+    random_mask,
+    test_mask,
+)
 
 # docs/model.md §3.2: MR -> (realised missing rate, fraction of rows with 1 / 2 / 3 modalities), N = 32 * 150
 PROTOCOL_TABLE = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from extractors.base import SAMPLE_RATE
+from core.clip import SAMPLE_RATE
 from pipeline.decode import decode_clip, probe
 from pipeline.media import corrupt_file, face_image, make_clip, no_face_image, speak, write_clip
 

@@ -7,9 +7,10 @@ import torch
 
 from comp.attention import Layout, MaskedSelfAttention
 from comp.batch import ComPBatch
-from comp.config import MODALITY_ORDER, ModelConfig, Quirks
+from comp.config import ModelConfig, Quirks
 from comp.losses import comp_loss
 from comp.model import ComP
+from core.clip import MODALITIES
 
 DIMS = {"audio": 6, "text": 5, "visual": 4}
 
@@ -64,7 +65,7 @@ def test_output_shapes(variant: str, task: str, stage: int) -> None:
     out = model(batch, stage)
     c = 4 if task == "classification" else 1
     assert out.logits.shape == (3, 7, c)
-    assert set(out.head_logits) == set(MODALITY_ORDER)
+    assert set(out.head_logits) == set(MODALITIES)
     assert all(h.shape == (3, 7, c) for h in out.head_logits.values())
     if stage == 1:
         assert out.weights is None
@@ -131,7 +132,7 @@ def test_clean_padding_invariance(train: bool) -> None:
     with torch.no_grad():
         a, b = model(batch, 2), model(padded, 2)
     assert torch.allclose(a.logits, b.logits[:, :5], atol=1e-5)
-    for u in MODALITY_ORDER:
+    for u in MODALITIES:
         assert torch.allclose(a.head_logits[u], b.head_logits[u][:, :5], atol=1e-5)
 
 
@@ -153,7 +154,7 @@ def test_faithful_pad_row_equals_explicit_padding() -> None:
         layout = Layout.from_valid(batch.valid, present.permute(2, 0, 1))
         grid = model._time_grid(model.shared_enc(proj), layout)
         explicit = []
-        for i, u in enumerate(MODALITY_ORDER):
+        for i, u in enumerate(MODALITIES):
             x = torch.nn.functional.pad(batch.features[u] * present[..., i:i + 1], (0, 0, 0, 12 - 5))
             explicit.append(model.in_proj[u](x))
         expected = model.shared_enc(torch.stack(explicit))
@@ -409,7 +410,7 @@ def test_clean_prototypes_learn_from_present_instances_only() -> None:
     extra.present[2, :, 0] = False
     extra.present[2, :4, 1] = True
     extra.features["audio"][2] = 0.0
-    for u in MODALITY_ORDER:
+    for u in MODALITIES:
         extra.features[u][:2], extra.present[:2] = base.features[u][:, :6], base.present[:, :6]
     a, b = bank_after(base), bank_after(extra)
     assert torch.allclose(a[0], b[0], atol=1e-6)

@@ -10,9 +10,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 import pinned_support as support
+import pytest
 
 PINNED = Path(__file__).parent / "data" / "pinned"
 
@@ -33,7 +32,7 @@ def test_every_preset_resolves_to_its_pinned_settings(pinned: dict[str, Any]) ->
 
 def test_presets_round_trip_through_yaml(tmp_path: Path) -> None:
     """A resolved preset written as YAML reads back as the same config."""
-    from pipeline.configuration import dump_yaml, load_yaml
+    from core.config import dump_yaml, load_yaml
     from pipeline.extract_config import ExtractionConfig, available_presets, load_preset, with_stage_defaults
 
     for name in available_presets():

@@ -15,11 +15,12 @@ import pytest
 import torch
 
 from comp.checkpoint import load_checkpoint, save_checkpoint
+from core.records import spec_hash
 from pipeline import media
 from pipeline.cli import predict as cli
 from pipeline.inputs import ClipItem
-from pipeline.predict import Predictor, PredictError
-from pipeline.store import read_header, spec_hash
+from pipeline.predict import PredictError, Predictor
+from pipeline.store import read_header
 
 pytestmark = pytest.mark.slow
 

@@ -3,7 +3,7 @@
 import re
 
 from comp.metrics import summarize
-from comp.report import write_report
+from pipeline.report import write_report
 
 LABELS = ["neu", "hap", "sad"]
 

@@ -96,9 +96,9 @@ def test_best_pt_is_the_named_run_and_epoch(first_run):
 
 def test_prediction_agrees_with_training(first_run):
     """Rebuilt features equal the stored ones; probabilities equal the run's own evaluation of each clip."""
-    from comp.config import MODALITY_ORDER
     from comp.data import build_conversations, iterate_batches, pack
     from comp.train import evaluate
+    from core.clip import MODALITIES
     from pipeline.inputs import ClipItem
     from pipeline.predict import Predictor
     from pipeline.store import read_store
@@ -124,6 +124,6 @@ def test_prediction_agrees_with_training(first_run):
         row = int(np.flatnonzero(data.source == f"{label}/clip0.mp4")[0])
         path = videos / label / "clip0.mp4"
         (record,) = predictor.extraction.extract_paths([ClipItem(id=str(path), path=path, source=str(path))])
-        for m in MODALITY_ORDER:
+        for m in MODALITIES:
             np.testing.assert_allclose(record.modalities[m].features, data.features[m][row], atol=1e-4,
                                        err_msg=f"{path} {m}")

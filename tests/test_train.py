@@ -10,9 +10,10 @@ import pytest
 
 import comp.train as train_mod
 from comp.config import ModelConfig, TrainConfig
-from comp.train import SELECTED_ON_TEST, run_training, train_protocol
+from comp.train import SELECTED_ON_TEST, train_protocol
 from pipeline.store import read_store
 from pipeline.synthetic import make_synthetic_store
+from pipeline.train import run_training
 
 TINY = ModelConfig(hidden=16, depth=2, heads=2, prompt_dim=4, n_prototypes=3, drop_rate=0.1, max_len=24)
 

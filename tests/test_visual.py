@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import skimage.data
 
-from extractors.base import ClipInput
+from core.clip import ClipInput
+from core.config import from_dict
+from core.errors import ConfigError
 from extractors.faces import Box, HaarFaceDetector, build_detector, largest
 from extractors.mini_xception import EMOTIONS, FaceExpressionEncoder
 from extractors.visual import FaceConfig, FaceExtractor, crop_face
-from pipeline.configuration import ConfigError, from_dict
 from pipeline.decode import decode_clip
 from pipeline.media import face_image, make_clip, no_face_image
 

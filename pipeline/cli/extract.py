@@ -21,11 +21,20 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from core.config import apply_overrides, dump_yaml
+from core.distributed import (
+    DistEnv,
+    DistributedError,
+    PeerError,
+    device_for_rank,
+    env_from_os,
+    process_group,
+    run_on_main,
+)
+from core.errors import ConfigError
 from pipeline.cli import HelpFormatter
+from pipeline.cli.launch import launch_local, strip_option
 from pipeline.cli.logs import DETAILED, cli_logging, level_for, quiet_transformers
-from pipeline.configuration import ConfigError, apply_overrides, dump_yaml
-from pipeline.distributed import (DistEnv, DistributedError, PeerError, device_for_rank, env_from_os, launch_local,
-                                  process_group, run_on_main, strip_option)
 
 EPILOG = """examples:
   comp-extract videos/ --out feats.h5 --preset offline
@@ -127,8 +136,8 @@ def _logging(args: argparse.Namespace, env: DistEnv) -> contextlib.AbstractConte
 
 
 def _resolve_config(args: argparse.Namespace):
-    from pipeline.extract_config import (STAGE_NAMES, StageConfig, load_config, load_preset,
-                                         with_stage_defaults)
+    from core.clip import STAGES
+    from pipeline.extract_config import StageConfig, load_config, load_preset, with_stage_defaults
 
     cfg = load_config(args.config) if args.config else load_preset(args.preset)
     overrides = list(args.overrides)
@@ -141,7 +150,7 @@ def _resolve_config(args: argparse.Namespace):
     first = [o for o in overrides if _key(o) == "plugins" or _key(o).endswith(".name")]
     cfg = apply_overrides(cfg, first)
     renamed = {_key(o).split(".")[0] for o in first if _key(o).endswith(".name")}
-    cfg = replace(cfg, **{s: StageConfig(cfg.stage(s).name, {}) for s in renamed if s in STAGE_NAMES})
+    cfg = replace(cfg, **{s: StageConfig(cfg.stage(s).name, {}) for s in renamed if s in STAGES})
     cfg = with_stage_defaults(cfg)
     return apply_overrides(cfg, [o for o in overrides if o not in first])
 
@@ -208,9 +217,9 @@ def _main(args: argparse.Namespace, argv: list[str], parser: argparse.ArgumentPa
                   file=sys.stderr)
         return 130
     except Exception as err:  # systemic failure: one clear line, the traceback only with -v
+        from core.records import StoreError
         from pipeline.extract import ExtractionError
         from pipeline.inputs import InputError
-        from pipeline.store import StoreError
 
         known = (ConfigError, InputError, StoreError, ExtractionError, DistributedError)
         if isinstance(err, PeerError) and not env.is_main:

@@ -11,10 +11,10 @@ import logging
 import sys
 from pathlib import Path
 
+from core.records import StoreError
 from pipeline.cli import HelpFormatter
 from pipeline.cli.logs import cli_logging, level_for
 from pipeline.gcnet_import import DATASETS, GcnetImportError, import_gcnet
-from pipeline.store import StoreError
 
 log = logging.getLogger("comp-import")
 

@@ -139,7 +139,7 @@ def _run(args: argparse.Namespace) -> int:
     import torch
 
     from pipeline.inputs import InputError
-    from pipeline.predict import Predictor, PredictError, collect_clips
+    from pipeline.predict import PredictError, Predictor, collect_clips
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)

@@ -1,7 +1,7 @@
 """`comp-train FEATS.h5 --out DIR`: train and evaluate ComP on a feature store.
 
 The CLI resolves one `TrainConfig` (a preset or a YAML file, then `--set` overrides, then the short flags),
-checks the store, and hands everything to `comp.train.run_training`; the only things that live here are the
+checks the store, and hands everything to `pipeline.train.run_training`; the only things that live here are the
 argument parsing, logging set-up, and the tqdm progress bar (the library itself only logs).
 
 Several processes: under `torchrun --nproc_per_node N` (or with `--nproc N`, which launches them itself) the
@@ -18,10 +18,11 @@ import sys
 from pathlib import Path
 
 from comp.config import TrainConfig
-from pipeline.distributed import DistEnv, DistributedError
+from core.config import apply_overrides, load_yaml
+from core.distributed import DistEnv, DistributedError
+from core.errors import ConfigError
 from pipeline.cli import HelpFormatter
 from pipeline.cli.logs import cli_logging, level_for
-from pipeline.configuration import ConfigError, apply_overrides, load_yaml
 from pipeline.presets import available_presets, preset_path
 
 log = logging.getLogger("comp-train")
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    from pipeline.distributed import env_from_os
+    from core.distributed import env_from_os
 
     try:
         env = env_from_os()
@@ -205,8 +206,9 @@ def main(argv: list[str] | None = None) -> int:
             raise CliError("--nproc inside a torchrun job: use one or the other")
         cfg = resolve_config(args)
         from comp.masks import parse_missing
-        from pipeline.devices import resolve_device
-        from pipeline.store import StoreError, read_header
+        from core.devices import resolve_device
+        from core.records import StoreError
+        from pipeline.store import read_header
 
         try:
             parse_missing(cfg.missing)
@@ -230,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     if args.nproc > 1:
-        from pipeline.distributed import launch_local, strip_option
+        from pipeline.cli.launch import launch_local, strip_option
 
         return launch_local("pipeline.cli.train", strip_option(argv, "--nproc"), args.nproc)
 
@@ -246,9 +248,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(args: argparse.Namespace, cfg: TrainConfig, env: DistEnv) -> int:
     from comp.parallel import start
-    from comp.train import TrainingError, run_training
-    from pipeline.distributed import PeerError
-    from pipeline.store import StoreError
+    from comp.train import TrainingError
+    from core.distributed import PeerError
+    from core.records import StoreError
+    from pipeline.train import run_training
 
     progress = None if args.quiet or not env.is_main else TqdmProgress()
     try:

@@ -24,8 +24,8 @@ matplotlib.use("Agg")  # files only; never open a window
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from comp.config import MODALITY_ORDER  # noqa: E402
 from comp.metrics import higher_is_better, metric_names, primary_metric, summarize  # noqa: E402
+from core.clip import MODALITIES  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def plot_learning_curves(runs: Sequence[Mapping[str, Any]], metric: str, path: P
 
 def plot_modality_heads(runs: Sequence[Mapping[str, Any]], metric: str, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
-    for m in MODALITY_ORDER:
+    for m in MODALITIES:
         ep, mean = _series(runs, lambda h, m=m: ((h.get("val_heads") or {}).get(m) or {}).get(metric))
         if len(ep):
             ax.plot(ep, mean, label=f"{m} head", color=COLOURS[m])
@@ -147,7 +147,7 @@ def plot_coordinator(runs: Sequence[Mapping[str, Any]], path: Path) -> Path | No
     if not any(h.get("coordinator") for r in runs for h in r.get("history", [])):
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
-    for m in MODALITY_ORDER:
+    for m in MODALITIES:
         ep, mean = _series(runs, lambda h, m=m: (h.get("coordinator") or {}).get(m))
         if len(ep):
             ax.plot(ep, mean, label=m, color=COLOURS[m])
@@ -217,7 +217,7 @@ def _runs_table(runs: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> st
 
 def _heads_table(runs: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> str:
     rows = []
-    for m in MODALITY_ORDER:
+    for m in MODALITIES:
         s = summarize([(r.get("test_heads") or {}).get(m) or {} for r in runs])
         if any(s.get(k, {}).get("n") for k in metrics):
             rows.append([html.escape(m)] + [_mean_std(s.get(k)) for k in metrics])

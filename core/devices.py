@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from core.errors import ConfigError
+
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """`auto` -> the first CUDA device when there is one, else the CPU; `cuda[:N]` is checked to exist.
 
-    Raises ValueError with a message that says what to use instead."""
+    Raises ConfigError with a message that says what to use instead."""
     if isinstance(device, torch.device):
         return device
     if device == "auto":
@@ -16,12 +18,12 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError as err:
-        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from err
+        raise ConfigError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from err
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device; use --device cpu")
+            raise ConfigError(f"device {device!r} asked for, but torch sees no CUDA device; use --device cpu")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) present")
+            raise ConfigError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) present")
     elif dev.type != "cpu":
-        raise ValueError(f"unsupported device {device!r}; use auto, cpu, cuda or cuda:N")
+        raise ConfigError(f"unsupported device {device!r}; use auto, cpu, cuda or cuda:N")
     return dev

@@ -15,11 +15,9 @@ from typing import Any, TypeVar
 
 import yaml
 
+from core.errors import ConfigError
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A config value or key that cannot be honoured; the message names the key."""
 
 
 def _is_dataclass_type(tp: Any) -> bool:
