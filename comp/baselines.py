@@ -64,6 +64,7 @@ from comp.config import TrainConfig
 from comp.data import Conversation, FoldPlan, Normalizer, build_conversations, plan_folds, select
 from comp.metrics import confusion, is_improvement, metric_names, primary_metric, score, summarize
 from comp.seeding import mask_rng
+from comp.selection import SELECTED_ON_TEST, SELECTED_ON_VAL
 from core.clip import MODALITIES
 from core.records import StoreData
 
@@ -73,8 +74,6 @@ C_GRID = (0.003, 0.03, 0.3, 3.0)  # ascending: on a tie the stronger regularisat
 DEFAULT_C = 1.0  # when the plan has no validation conversations to choose C on
 MAX_COMPONENTS = 128  # principal directions kept per modality (see the module docstring)
 MAX_ITER = 300  # lbfgs iterations per fit; warm starts along C_GRID make later fits converge in far fewer
-SELECTED_ON_VAL = "val"
-SELECTED_ON_TEST = "test (paper protocol)"
 NO_VAL = f"no val (C={DEFAULT_C:g})"
 
 

@@ -17,9 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from core.atomic import atomic_open
+from core.errors import CompError
+
 log = logging.getLogger(__name__)
 
 FORMAT = "comp-checkpoint"
@@ -35,7 +36,7 @@ FORMAT_VERSION = 1
 REQUIRED_META = ("train_config", "task", "label_names", "input_dims", "n_outputs")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(CompError, RuntimeError):
     """A checkpoint that cannot be used; the message says why."""
 
 
@@ -75,16 +76,8 @@ def save_checkpoint(path: str | Path, model: nn.Module | Mapping[str, torch.Tens
     weights = {str(k): v.detach().to("cpu").clone().contiguous() for k, v in state.items()}
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "meta": meta_to_json(meta),
                "state_dict": weights}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_open(path, "wb") as fh:
+        torch.save(payload, fh)
     return path
 
 

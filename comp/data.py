@@ -36,6 +36,7 @@ import torch
 from comp.batch import ComPBatch
 from comp.config import TrainConfig
 from core.clip import MODALITIES as MODALITY_ORDER
+from core.errors import CompError
 from core.records import ZERO_VECTOR_REASON, StoreData
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ STD_FLOOR = 1e-6  # a dimension with a smaller spread on the training rows is co
 VAL_STREAM = 7919  # numpy seed-sequence stream of the validation hold-out (apart from masks and init)
 
 
-class DataError(ValueError):
+class DataError(CompError, ValueError):
     """The store cannot be used as asked; the message says why and what to do."""
 
 

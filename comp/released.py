@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from comp.model import ComP
+from core.clip import MODALITIES
 
 LETTERS = ("a", "t", "v")  # released modality suffixes, in MODALITIES (audio, text, visual)
 QKV = ("q", "k", "v")  # column blocks of the fused attention projection
@@ -79,7 +80,7 @@ def released_slots(model: ComP) -> dict[str, Slot]:
     dim = model.cfg.hidden
     slots: dict[str, Slot] = {}
     for i, u in enumerate(LETTERS):
-        name = ("audio", "text", "visual")[i]
+        name = MODALITIES[i]
         _linear(slots, f"{u}_in_proj.0", f"in_proj.{name}")
         _mlp(slots, f"shared_enc_{u}", "shared_enc", i)
         _mlp(slots, f"private_enc_{u}", "private_enc", i)

@@ -31,6 +31,12 @@ import numpy as np
 
 from comp.metrics import higher_is_better
 
+# What a run's epoch (and a baseline's C) was selected on, as metrics.json and the report show it
+SELECTED_ON_VAL = "val"
+SELECTED_ON_TEST = "test (paper protocol)"  # faithful: the released code selects on the test set
+SELECTED_ON_LAST = "last epoch (no val)"  # clean without validation conversations
+SELECTED_REFIT = "refit on train+val, the selected number of epochs (no held-out score)"
+
 MIN_SPLIT_CLIPS = 10  # below this many labelled clips a split selects (val) or scores (test) on noise
 REL_TOL = 1e-9  # scores this close are a tie (the same counts can round differently when pooled)
 

@@ -27,56 +27,25 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 
 from comp.config import TrainConfig
 from comp.seeding import deterministic, mask_rng, seed_everything
+from comp.selection import SELECTED_ON_LAST, SELECTED_ON_TEST, SELECTED_ON_VAL, SELECTED_REFIT
 from core import __version__
 from core.clip import MODALITIES
 from core.devices import resolve_device
 from core.errors import CompError
+from core.progress import Progress, no_progress
 
 log = logging.getLogger(__name__)
-
-SELECTED_ON_VAL = "val"
-SELECTED_ON_TEST = "test (paper protocol)"
-SELECTED_REFIT = "refit on train+val, the selected number of epochs (no held-out score)"
-REFIT_NAME = "refit.pt"
-LOWER_IS_BETTER = frozenset({"mae", "mse", "rmse", "loss"})
 
 
 class TrainingError(CompError, RuntimeError):
     """Training cannot go on (diverged, no usable data); the message says what to change."""
-
-
-class TrainHooks(Protocol):
-    """Progress callbacks; the CLI passes a tqdm implementation, the library only logs."""
-
-    def run_started(self, label: str, epochs: int) -> None: ...
-    def epoch_started(self, epoch: int, stage: int, n_batches: int) -> None: ...
-    def batch_done(self, loss: float) -> None: ...
-    def epoch_done(self, entry: dict) -> None: ...
-    def run_done(self, records: list[dict]) -> None: ...
-
-
-class NullHooks:
-    def run_started(self, label: str, epochs: int) -> None:
-        pass
-
-    def epoch_started(self, epoch: int, stage: int, n_batches: int) -> None:
-        pass
-
-    def batch_done(self, loss: float) -> None:
-        pass
-
-    def epoch_done(self, entry: dict) -> None:
-        pass
-
-    def run_done(self, records: list[dict]) -> None:
-        pass
 
 
 # ------------------------------------------------------------------------------------------- evaluation
@@ -257,7 +226,7 @@ def _n_outputs(task: str, label_names: Sequence[str]) -> int:
 
 
 def fit_run(conversations: Sequence[Any], plan: Any, cfg: TrainConfig, seed: int, *, task: str,
-            label_names: Sequence[str], device: torch.device, hooks: TrainHooks | None = None,
+            label_names: Sequence[str], device: torch.device, progress: Progress | None = None,
             parallel: Any = None) -> RunOutcome:
     """Train one model on `plan.train`, select an epoch, score `plan.test` under every condition.
 
@@ -268,7 +237,7 @@ def fit_run(conversations: Sequence[Any], plan: Any, cfg: TrainConfig, seed: int
     from comp.masks import mask_conversations, parse_missing
     from comp.model import ComP
 
-    hooks = hooks or NullHooks()
+    progress = progress or no_progress
     ddp = parallel is not None and parallel.data_parallel
     q = cfg.model.resolved
     paper = bool(q.test_selection)
@@ -351,13 +320,13 @@ def fit_run(conversations: Sequence[Any], plan: Any, cfg: TrainConfig, seed: int
     splits = {name: split_sizes(convs, task, label_names)
               for name, convs in (("train", train_c), ("val", [] if paper else val_c), ("test", test_c))}
 
-    hooks.run_started(label, cfg.epochs)
     log.info("%s: %d train / %d val / %d test conversations, %d epochs (stage 1: %d), %s, device %s",
              label, len(train_packed), len(val_c), len(test_c), cfg.epochs, cfg.stage_epochs,
              missing.spec.label, device)
     for epoch in range(cfg.epochs):
         stage = 1 if epoch < cfg.stage_epochs else 2
-        hooks.epoch_started(epoch, stage, n_batches)
+        task_name = f"{label} epoch {epoch + 1}/{cfg.epochs} (stage {stage})"
+        progress(task_name, 0, n_batches)
         t0 = time.perf_counter()
         (step if ddp else model).train()
         loss_sum, parts_sum = 0.0, {}
@@ -367,7 +336,7 @@ def fit_run(conversations: Sequence[Any], plan: Any, cfg: TrainConfig, seed: int
         else:
             batches = (missing.train_batch(item, rng).batch
                        for item in iterate_batches(train_packed, cfg.batch_size, shuffle=True, rng=order_rng))
-        for cpu_batch in batches:
+        for done, cpu_batch in enumerate(batches, start=1):
             batch = cpu_batch.to(device)
             with autocast():
                 loss, parts, out = step(batch, stage)
@@ -394,7 +363,7 @@ def fit_run(conversations: Sequence[Any], plan: Any, cfg: TrainConfig, seed: int
             loss_sum += value
             for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + v
-            hooks.batch_done(value)
+            progress(task_name, done, n_batches, f"loss {value:.3f}")
         if ddp:  # the epoch's loss over every rank's share, not rank 0's alone
             means = parallel.mean_over_ranks({"": loss_sum, **parts_sum})
             loss_sum = means.pop("")
@@ -437,7 +406,6 @@ def fit_run(conversations: Sequence[Any], plan: Any, cfg: TrainConfig, seed: int
                  epoch + 1, cfg.epochs, stage, main["train_loss"], where, metric, _fmt(main["val"].get(metric)),
                  where, _fmt_loss(main["val_loss"]), "" if main["selectable"] else " (fused head untrained)",
                  train_seconds, eval_seconds)
-        hooks.epoch_done(main)
 
     if best_state is None:  # no epoch produced a finite selection score: keep the last weights
         log.warning("%s: no epoch gave a finite %s; keeping the last epoch", label, metric)
@@ -476,7 +444,7 @@ def fit_run(conversations: Sequence[Any], plan: Any, cfg: TrainConfig, seed: int
         records.append({
             "fold": plan.name, "seed": seed, "run": run_name(plan.name, seed), "condition": cond,
             "best_epoch": ep + 1, "selected_stage": sel_stage,
-            "selected_on": SELECTED_ON_TEST if paper else (SELECTED_ON_VAL if has_val else "last epoch (no val)"),
+            "selected_on": SELECTED_ON_TEST if paper else (SELECTED_ON_VAL if has_val else SELECTED_ON_LAST),
             "selection_metric": metric, "val": {} if paper else chosen.get("val", {}),
             "val_loss": None if paper else chosen.get("val_loss"), "history": history[cond],
             "test": test_metrics, "test_heads": test_heads, "confusion": confusion, "splits": splits,
@@ -484,7 +452,6 @@ def fit_run(conversations: Sequence[Any], plan: Any, cfg: TrainConfig, seed: int
     main = records[-1]
     log.info("%s: selected epoch %d (stage %d) on %s; test %s", label, main["best_epoch"], sel_stage,
              main["selected_on"], ", ".join(f"{k} {_fmt(v)}" for k, v in main["test"].items()) or "-")
-    hooks.run_done(records)
     score = best_score[missing.main_label]
     chosen_loss = history[missing.main_label][best_epoch[missing.main_label]].get("val_loss")
     return RunOutcome(fold=plan.name, seed=seed, records=records, selection_metric=metric,
@@ -615,7 +582,7 @@ def _to_dict(cfg: TrainConfig) -> dict:
     return to_dict(cfg)
 
 
-def train_protocol(data, cfg: TrainConfig, *, hooks: TrainHooks | None = None,
+def train_protocol(data, cfg: TrainConfig, *, progress: Progress | None = None,
                    on_run: Callable[[RunOutcome], None] | None = None, parallel: Any = None) -> ProtocolResult:
     """Every planned fold x seed. `on_run(outcome)` is called as each run finishes, on the process that keeps
     its outputs (the pipeline saves the run's checkpoint there).
@@ -675,7 +642,7 @@ def train_protocol(data, cfg: TrainConfig, *, hooks: TrainHooks | None = None,
             for k in mine:
                 plan, seed = pairs[k]
                 outcome = fit_run(conversations, plan, cfg, seed, task=task, label_names=label_names,
-                                  device=device, hooks=hooks, parallel=None if fan_out else parallel)
+                                  device=device, progress=progress, parallel=None if fan_out else parallel)
                 records_by_run[k] = outcome.records
                 if on_run is not None and writes:
                     on_run(outcome)
@@ -745,7 +712,7 @@ def _better_run(new: RunOutcome, new_index: int, best: RunOutcome, best_index: i
                       Candidate(best.selection_score, best.selection_loss, best_index))
 
 
-def refit_run(data, cfg: TrainConfig, best: RunOutcome, *, hooks: TrainHooks | None = None,
+def refit_run(data, cfg: TrainConfig, best: RunOutcome, *, progress: Progress | None = None,
               parallel: Any = None) -> RunOutcome:
     """`--refit`: retrain the saved run (its fold and seed) on its train+val conversations for the number of
     epochs selected on validation, keeping the last epoch. Nothing is held out for selection and the test split
@@ -762,7 +729,8 @@ def refit_run(data, cfg: TrainConfig, best: RunOutcome, *, hooks: TrainHooks | N
     guard = deterministic(device) if cfg.deterministic else contextlib.nullcontext()
     with guard:
         outcome = fit_run(conversations, merged, refit_cfg, best.seed, task=data.header.task,
-                          label_names=list(data.header.label_names), device=device, hooks=hooks, parallel=parallel)
+                          label_names=list(data.header.label_names), device=device, progress=progress,
+                          parallel=parallel)
     for rec in outcome.records:
         rec["selected_on"] = SELECTED_REFIT
     return outcome

@@ -1,8 +1,9 @@
-"""comp-mer's lowest layer: the types and services that extractors, the model and the pipeline all use.
+"""comp-mer's lowest layer: the types and services that the extractors, the model and the pipeline share.
 
-Configuration (`config`), the feature store's records (`records`), the clip and its modalities (`clip`),
-devices, distributed set-up, progress reporting, atomic file writes and the error root. It imports no other
-package of the project, so every package above can depend on it and none of them on each other's internals.
+`clip` (the decoded clip, the modality and stage names), `records` (the feature store's records and the
+extraction spec hash), `config` (dataclass configs from YAML/dicts, strict about keys), `errors` (the error
+root, `CompError`), `progress` (the progress hook's shape), `atomic` (atomic file replacement), `devices`
+and `distributed` (device choice, process groups). It imports no other package of the project.
 """
 
 __version__ = "0.1.0"

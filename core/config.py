@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from core.atomic import write_text
 from core.errors import ConfigError
 
 T = TypeVar("T")
@@ -156,7 +157,7 @@ def dump_yaml(obj: Any, path: str | Path | None = None) -> str:
     """YAML text of a dataclass; written to `path` when given."""
     text = yaml.safe_dump(to_dict(obj), sort_keys=False, allow_unicode=True)
     if path is not None:
-        Path(path).write_text(text, encoding="utf-8")
+        write_text(path, text)
     return text
 
 

@@ -2,7 +2,7 @@
 
 Each package defines its own errors (a `StoreError` for the feature store, a `TrainingError` for training,
 ...) as subclasses of `CompError`, so a caller can tell an expected failure, whose message says what went
-wrong and what to do, from a bug: the CLIs print a `CompError` as one line and exit with status 2.
+wrong and what to do, from a bug (the CLIs print the former as one line and exit non-zero).
 """
 
 from __future__ import annotations

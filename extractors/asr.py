@@ -404,7 +404,8 @@ def finished_early(w: "EncoderWindow", offset: int, speech: Sequence[tuple[int, 
     return vad.speech_seconds(later) >= min_speech_s
 
 
-def timestamp_segments(tokens: Sequence[int], timestamp_begin: int) -> tuple[list[tuple[int, int, list[int]]], int | None]:
+def timestamp_segments(tokens: Sequence[int],
+                       timestamp_begin: int) -> tuple[list[tuple[int, int, list[int]]], int | None]:
     """whisper.transcribe's reading of a timestamped decode: ([(start_pos, end_pos, text tokens)], next_pos).
 
     Positions count 0.02 s steps from the window start. next_pos is where to decode again (the start of an

@@ -8,7 +8,7 @@ Extractors work on batches of clips so that models can batch; they never touch f
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -100,5 +100,3 @@ def _import_builtin() -> None:
     for mod in _BUILTIN_MODULES:
         importlib.import_module(mod)
 
-
-ProgressHook = Callable[[str, int, int], None]  # (stage, done, total) -> None

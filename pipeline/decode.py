@@ -34,6 +34,7 @@ import av
 import numpy as np
 
 from core.clip import SAMPLE_RATE, ClipInput
+from core.errors import CompError
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ MODULATED_SPREAD_DB = 15.0  # ... and is left out of the mix when another channe
 ANTI_PHASE = -0.2  # a channel correlated below this with the reference channel is inverted before mixing
 
 
-class DecodeError(RuntimeError):
+class DecodeError(CompError, RuntimeError):
     """The file cannot be decoded at all (missing, empty, truncated, corrupt, not media)."""
 
 

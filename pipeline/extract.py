@@ -33,7 +33,6 @@ import hashlib
 import heapq
 import logging
 import math
-import os
 import shutil
 import threading
 import time
@@ -50,12 +49,14 @@ import numpy as np
 import torch
 
 from core import devices
+from core.atomic import atomic_open
 from core.clip import MODALITIES, STAGES, ClipInput
 from core.config import from_dict, to_dict
 from core.distributed import DistributedError, Job, agree, all_gather, run_on_main
-from core.errors import ConfigError
+from core.errors import CompError, ConfigError
+from core.progress import Progress
 from core.records import ClipRecord, ModalityInfo, ModalityValue, StoreData, StoreError, StoreHeader, spec_hash
-from extractors.base import Extractor, ExtractorOutput, ProgressHook
+from extractors.base import Extractor, ExtractorOutput
 from pipeline.decode import RULES_VERSION as DECODE_RULES
 from pipeline.decode import DecodeConfig, DecodeError, decode_clip
 from pipeline.extract_config import ExtractionConfig, StageConfig, extractor_class, extractor_config, import_plugins
@@ -72,7 +73,7 @@ PARTS_SUFFIX = ".parts"  # <store>.parts/rank-<r>-of-<N>.h5: the per-rank stores
 MERGE_ROWS = 1024  # rows per journal chunk when parts are folded into the store
 
 
-class ExtractionError(RuntimeError):
+class ExtractionError(CompError, RuntimeError):
     """A systemic failure: a model that cannot be loaded, or a stored spec that cannot be honoured."""
 
 
@@ -200,13 +201,13 @@ class Extraction:
         return extraction
 
     # ----------------------------------------------------------------------------------- running
-    def extract_paths(self, items: Sequence[ClipItem], progress: ProgressHook | None = None
+    def extract_paths(self, items: Sequence[ClipItem], progress: Progress | None = None
                       ) -> Iterator[ClipRecord]:
         """One record per clip (order: grouped by size for batching, not input order)."""
         for records in self.extract_batches(items, progress):
             yield from records
 
-    def extract_batches(self, items: Sequence[ClipItem], progress: ProgressHook | None = None
+    def extract_batches(self, items: Sequence[ClipItem], progress: Progress | None = None
                         ) -> Iterator[list[ClipRecord]]:
         """Records batch by batch; `progress("clips", done, total)` after each batch."""
         total, done = len(items), 0
@@ -502,7 +503,7 @@ def check_rules(out_path: str | Path, spec: Mapping[str, Any]) -> None:
 
 def run_extraction(items: Sequence[ClipItem], out_path: str | Path, cfg: ExtractionConfig, *,
                    device: torch.device | str = "cpu", overwrite: bool = False, retry_failed: bool = False,
-                   progress: ProgressHook | None = None, task: str | None = None,
+                   progress: Progress | None = None, task: str | None = None,
                    extraction: Extraction | None = None) -> ExtractionSummary:
     """Extract `items` into the store at `out_path`, resuming whatever an earlier run of the same spec left.
 
@@ -546,7 +547,7 @@ def run_extraction(items: Sequence[ClipItem], out_path: str | Path, cfg: Extract
 
 
 def _extract_into(writer: StoreWriter, extraction: Extraction, todo: Sequence[ClipItem], commit_every: int,
-                  progress: ProgressHook | None) -> float:
+                  progress: Progress | None) -> float:
     """Extract `todo` through `writer` (journal every batch, commit every `commit_every` clips, commit at the
     end, also on Ctrl-C); returns the media duration processed."""
     media_s = 0.0
@@ -619,12 +620,10 @@ def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]])
     if not rows:
         path.unlink(missing_ok=True)
         return None
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+    with atomic_open(path, "w", newline="", encoding="utf-8") as fh:
         out = csv.writer(fh)
         out.writerow(header)
         out.writerows(rows)
-    os.replace(tmp, path)
     return path
 
 
@@ -715,7 +714,7 @@ def _agree_on_call(job: Job, fn: Any) -> Any:
 
 def run_sharded_extraction(items: Sequence[ClipItem], out_path: str | Path, cfg: ExtractionConfig, job: Job, *,
                            device: torch.device | str = "cpu", overwrite: bool = False,
-                           retry_failed: bool = False, progress: ProgressHook | None = None,
+                           retry_failed: bool = False, progress: Progress | None = None,
                            task: str | None = None, extraction: Extraction | None = None) -> ExtractionSummary:
     """One rank's share of a distributed extraction; call it on every rank of `job` with the same clips.
 

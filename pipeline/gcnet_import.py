@@ -19,7 +19,7 @@ import logging
 import math
 import re
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 
 from core.clip import MODALITIES
+from core.errors import CompError
+from core.progress import Progress
 from core.records import ZERO_VECTOR_REASON, ClipRecord, ModalityInfo, ModalityValue, StoreHeader
 from pipeline.safe_pickle import safe_load
 from pipeline.store import write_store
@@ -56,10 +58,9 @@ KNOWN_FOLDERS: Mapping[str, tuple[str, str]] = {
 EXAMPLE_FOLDERS = {"audio": "wav2vec-large-c-UTT", "text": "deberta-large-4-UTT", "visual": "manet_UTT"}
 _SESSION = re.compile(r"^Ses(\d{2})")
 
-ProgressHook = Callable[[int, int], None]  # (utterances done, total)
 
 
-class GcnetImportError(ValueError):
+class GcnetImportError(CompError, ValueError):
     """The input cannot be imported as given; the message names the file and says what to do."""
 
 
@@ -368,12 +369,12 @@ def _reason_code(reason: str) -> str:
 
 def import_gcnet(labels: str | Path, folders: Mapping[str, str | Path], out: str | Path, *,
                  dataset: str | None = None, overwrite: bool = False,
-                 progress: ProgressHook | None = None) -> ImportSummary:
+                 progress: Progress | None = None) -> ImportSummary:
     """Convert one public pre-extracted set into the feature store at `out`.
 
     `folders` maps each of audio/text/visual to its feature folder. Dims come from the first readable file
-    of each folder; a later vector of another dim is an error naming the file. `progress(done, total)` is
-    called after each utterance (the CLI draws a bar with it). Nothing is written unless every input checks.
+    of each folder; a later vector of another dim is an error naming the file. `progress("importing", done,
+    total)` is called after each utterance (the CLI draws a bar with it). Nothing is written unless every input checks.
     """
     out = Path(out)
     if set(folders) != set(MODALITIES):
@@ -403,7 +404,7 @@ def import_gcnet(labels: str | Path, folders: Mapping[str, str | Path], out: str
                         f"dim {dims[m]}; all files of one folder must come from the same encoder")
             values[m].append(loaded)
         if progress is not None:
-            progress(i + 1, len(rows))
+            progress("importing", i + 1, len(rows))
 
     for m in MODALITIES:
         if m not in dims:

@@ -36,6 +36,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.errors import CompError
+
 log = logging.getLogger(__name__)
 
 # Files with these extensions are clips without a probe (one that fails to decode is an error row saying why);
@@ -67,7 +69,7 @@ SPLITS = ("train", "val", "test", "")
 META_PREFIX = "meta_"  # informational manifest columns (e.g. comp-prepare's meta_intensity): not read
 
 
-class InputError(ValueError):
+class InputError(CompError, ValueError):
     """The inputs cannot be turned into a list of clips; the message says what to fix."""
 
 

@@ -32,6 +32,7 @@ import torch
 
 from core import __version__
 from core.clip import MODALITIES, STAGES
+from core.errors import CompError
 from core.records import ClipRecord, spec_hash
 from pipeline.inputs import MEDIA_EXTENSIONS, ClipItem, discover_folder, is_media
 
@@ -45,7 +46,7 @@ ASR_DIAGNOSTICS = ("asr_no_speech_prob", "asr_avg_logprob", "asr_compression_rat
 FACE_DIAGNOSTICS = ("frames_sampled", "frames_with_face")
 
 
-class PredictError(RuntimeError):
+class PredictError(CompError, RuntimeError):
     """A checkpoint or an input that prediction cannot use; the message says why and what to do."""
 
 

@@ -25,6 +25,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from comp.metrics import higher_is_better, metric_names, primary_metric, summarize  # noqa: E402
+from comp.selection import SELECTED_ON_TEST, SELECTED_ON_VAL  # noqa: E402
+from core.atomic import write_text  # noqa: E402
 from core.clip import MODALITIES  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -117,7 +119,7 @@ def plot_learning_curves(runs: Sequence[Mapping[str, Any]], metric: str, path: P
         ax.grid(alpha=0.3)
     ax_loss.set_ylabel("train loss")
     ax_loss.set_title("training loss")
-    where = "test (paper protocol)" if any(str(r.get("selected_on", "")).startswith("test") for r in runs) else "val"
+    where = SELECTED_ON_TEST if _paper_protocol(runs) else SELECTED_ON_VAL
     ax_val.set_ylabel(f"{where} {metric}")
     ax_val.set_title(f"{where} {metric} (dot = selected epoch)")
     if legend:
@@ -372,6 +374,11 @@ def _saved_section(saved: Mapping[str, Any]) -> str:
     return "".join(parts)
 
 
+def _paper_protocol(runs: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether the runs selected on the test set (faithful's released protocol)."""
+    return any(r.get("selected_on") == SELECTED_ON_TEST for r in runs)
+
+
 def write_report(out_dir: Path, runs: list[dict], summary: dict, baselines: dict | None = None, *,
                  saved: Mapping[str, Any] | None = None) -> Path:
     """Write the figures and `report.html` into `out_dir`; returns the HTML path.
@@ -391,7 +398,7 @@ def write_report(out_dir: Path, runs: list[dict], summary: dict, baselines: dict
     if not runs:
         raise ValueError("write_report needs at least one run record")
     task = runs[0].get("task", "classification")
-    paper = any(str(r.get("selected_on", "")).startswith("test") for r in runs)
+    paper = _paper_protocol(runs)
     primary = primary_metric(task, "faithful" if paper else "clean")
     head_metric = "acc" if task == "classification" else "acc2_non0"
     label_names = runs[0].get("label_names") or []
@@ -438,8 +445,6 @@ def write_report(out_dir: Path, runs: list[dict], summary: dict, baselines: dict
     page = (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>ComP report</title><style>{CSS}</style>'
             f"</head><body>{''.join(parts)}</body></html>")
     path = out_dir / REPORT_NAME
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)
+    write_text(path, page)
     log.info("report written to %s", path)
     return path

@@ -15,6 +15,8 @@ import pickle
 from pathlib import Path
 from typing import Any
 
+from core.errors import CompError
+
 # (module, name) pairs after Python-2 name translation. Each one only builds plain data.
 ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
     [("builtins", n) for n in ("set", "frozenset", "list", "dict", "tuple", "int", "float", "complex",
@@ -28,7 +30,7 @@ ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
 )
 
 
-class UnsafePickleError(pickle.UnpicklingError):
+class UnsafePickleError(CompError, pickle.UnpicklingError):
     """The pickle names a global outside the allow-list; nothing it names was imported or called."""
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import uuid
 from collections.abc import Iterable, Sequence
@@ -34,6 +33,7 @@ import h5py
 import numpy as np
 
 from core import __version__
+from core.atomic import atomic_open, atomic_path
 from core.clip import MODALITIES
 from core.records import ClipRecord, ModalityInfo, StoreData, StoreError, StoreHeader, canonical_json
 
@@ -124,19 +124,6 @@ def read_store(path: str | Path, *, include_pending_warning: bool = True) -> Sto
 
 def _journal_dir(path: Path) -> Path:
     return path.with_name(path.name + ".journal")
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _records_to_columns(records: Sequence[ClipRecord], header: StoreHeader) -> dict[str, np.ndarray]:
@@ -286,7 +273,8 @@ class StoreWriter:
                                  "Pass --overwrite or write to a new file.")
         for m in MODALITIES:
             if existing.modalities[m].dim != self.header.modalities[m].dim:
-                raise StoreError(f"{self.path}: {m} dim {existing.modalities[m].dim} != {self.header.modalities[m].dim}")
+                raise StoreError(f"{self.path}: {m} dim {existing.modalities[m].dim} != "
+                                 f"{self.header.modalities[m].dim}")
 
     # -- what is already there -------------------------------------------------------------------
     def committed_status(self) -> dict[str, str]:
@@ -330,14 +318,8 @@ class StoreWriter:
                 "spec_hash": self.header.spec_hash}
         arrays = {k.replace("/", "__"): (v.astype(str) if v.dtype == object else v) for k, v in cols.items()}
         arrays["__meta__"] = np.array(json.dumps(meta))
-        name = f"{uuid.uuid4().hex}"
-        tmp = self.journal / f".{name}.tmp.npz"
-        with open(tmp, "wb") as fh:
+        with atomic_open(self.journal / f"{uuid.uuid4().hex}.npz", "wb") as fh:
             np.savez(fh, **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.journal / f"{name}.npz")
-        _fsync_dir(self.journal)
 
     def _read_chunk(self, chunk: Path) -> dict[str, np.ndarray] | None:
         try:
@@ -375,15 +357,8 @@ class StoreWriter:
         return len(new["id"]) if new else 0
 
     def _replace_with(self, cols: dict[str, np.ndarray]) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}.tmp")
-        try:
+        with atomic_path(self.path) as tmp:
             _write_file(tmp, self.header, cols)
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-            _fsync_dir(self.path.parent)
-        finally:
-            tmp.unlink(missing_ok=True)
 
     def close(self) -> None:
         self.commit()

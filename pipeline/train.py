@@ -22,26 +22,27 @@ from comp.baselines import run_baselines
 from comp.checkpoint import save_checkpoint
 from comp.config import TrainConfig
 from comp.train import (
-    REFIT_NAME,
     ProtocolResult,
     RunOutcome,
-    TrainHooks,
     checkpoint_meta,
     refit_run,
     run_summary,
     train_protocol,
 )
+from core.atomic import write_text
 from core.config import dump_yaml
+from core.progress import Progress
 from pipeline.report import write_report
 from pipeline.store import read_store
 
 log = logging.getLogger(__name__)
 
 RUNS_DIR = "runs"  # per-run checkpoints under the run folder
+REFIT_NAME = "refit.pt"  # the model retrained on train+val (`refit`)
 
 
 def run_training(store: str | Path, cfg: TrainConfig, out_dir: str | Path, *,
-                 hooks: TrainHooks | None = None, parallel: Any = None) -> ProtocolResult:
+                 progress: Progress | None = None, parallel: Any = None) -> ProtocolResult:
     """comp-train: read the store, run the protocol, write best.pt, runs/, metrics.json, config.yaml, report.
 
     With `parallel` every rank calls this; rank 0 writes the outputs (fan-out: each rank also writes the
@@ -61,11 +62,11 @@ def run_training(store: str | Path, cfg: TrainConfig, out_dir: str | Path, *,
             save_checkpoint(out / RUNS_DIR / f"{outcome.name}.pt", outcome.state_dict,
                             checkpoint_meta(outcome, cfg, data))
 
-    result = train_protocol(data, cfg, hooks=hooks, on_run=save_run, parallel=parallel)
+    result = train_protocol(data, cfg, progress=progress, on_run=save_run, parallel=parallel)
     result.out_dir = out
     ddp = parallel is not None and parallel.data_parallel
     if cfg.refit and (ddp or result.best is not None):  # fan-out: rank 0 alone holds the best run
-        result.refit = refit_run(data, cfg, result.best, hooks=hooks, parallel=parallel if ddp else None)
+        result.refit = refit_run(data, cfg, result.best, progress=progress, parallel=parallel if ddp else None)
     if not main:
         return result
     best = run_summary(result.best) if result.best is not None else None
@@ -112,6 +113,4 @@ def _json_safe(obj: Any) -> Any:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_json_safe(data), indent=1, allow_nan=False), encoding="utf-8")
-    tmp.replace(path)
+    write_text(path, json.dumps(_json_safe(data), indent=1, allow_nan=False))

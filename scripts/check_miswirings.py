@@ -45,7 +45,8 @@ MISWIRINGS = (
               "mixed = lam * torch.cat((back[..., self.cfg.prompt_dim:], back[..., :self.cfg.prompt_dim]), -1)"
               " + (1 - lam) * cross_prompts(prompts2)", ("tests/test_golden.py",)),
     Miswiring("stage-1 private branch fed the text private code instead of audio's", "comp/model.py",
-              "priv = priv[:1].expand(N_MOD, -1, -1)", "priv = priv[1:2].expand(N_MOD, -1, -1)", ("tests/test_golden.py",)),
+              "priv = priv[:1].expand(N_MOD, -1, -1)", "priv = priv[1:2].expand(N_MOD, -1, -1)",
+              ("tests/test_golden.py",)),
     Miswiring("the gradient modulator's call removed from the training loop", "comp/train.py",
               "                modulator.apply(out, batch)\n", "                pass\n",
               ("tests/test_train.py::test_gradient_modulator_acts_in_the_training_loop",)),

@@ -10,7 +10,8 @@ import pytest
 
 import comp.train as train_mod
 from comp.config import ModelConfig, TrainConfig
-from comp.train import SELECTED_ON_TEST, train_protocol
+from comp.selection import SELECTED_ON_TEST
+from comp.train import train_protocol
 from pipeline.store import read_store
 from pipeline.synthetic import make_synthetic_store
 from pipeline.train import run_training
@@ -279,3 +280,18 @@ def test_faithful_test_batches_are_masked_afresh_every_epoch(data, monkeypatch):
     for m in masks:
         assert m.mean() < natural - 0.25  # about half of what the data has is removed
     assert not np.array_equal(masks[0], masks[1])
+
+
+def test_progress_counts_every_batch_of_every_epoch(data):
+    """Training reports progress through the one hook shape: per epoch a task counted 0..n_batches with the loss."""
+    calls: list[tuple] = []
+    result = train_protocol(data, _cfg(epochs=3, stage_epochs=1), progress=lambda *a: calls.append(a))
+    tasks = list(dict.fromkeys(c[0] for c in calls))
+    assert len(tasks) == 3 * result.n_runs
+    assert tasks[:3] == [f"fold {result.runs[0]['fold']} seed {result.runs[0]['seed']} epoch {e}/3 (stage {s})"
+                         for e, s in ((1, 1), (2, 2), (3, 2))]
+    for task in tasks:
+        counts = [c for c in calls if c[0] == task]
+        total = counts[0][2]
+        assert total >= 1 and [c[1] for c in counts] == list(range(total + 1))
+        assert all(len(c) == 4 and c[3].startswith("loss ") for c in counts[1:])

@@ -2,6 +2,12 @@
 
 import argparse
 
+from core.errors import CompError
+
+
+class CliError(CompError):
+    """A usage problem (a missing file, a clashing option): printed without a traceback, exit status 2."""
+
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Defaults shown where there is a true one worth showing; the description and the examples keep their lines.

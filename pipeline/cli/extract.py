@@ -17,7 +17,6 @@ import contextlib
 import logging
 import os
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from core.errors import ConfigError
 from pipeline.cli import HelpFormatter
 from pipeline.cli.launch import launch_local, strip_option
 from pipeline.cli.logs import DETAILED, cli_logging, level_for, quiet_transformers
+from pipeline.cli.progress import TqdmProgress
 
 EPILOG = """examples:
   comp-extract videos/ --out feats.h5 --preset offline
@@ -57,6 +57,7 @@ EPILOG = """examples:
 """
 
 log = logging.getLogger("comp-extract")
+LOG_EVERY_S = 30.0  # off a terminal, a progress line at most this often
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,40 +160,6 @@ def _key(override: str) -> str:
     return override.split("=", 1)[0].strip()
 
 
-class _Bar:
-    """tqdm progress bar driven by the library's progress hook; a log line now and then when not on a terminal."""
-
-    LOG_EVERY_S = 30.0
-
-    def __init__(self, enabled: bool, tty: bool) -> None:
-        self.enabled = enabled and tty
-        self.log_lines = enabled and not tty
-        self.bar = None
-        self.start = time.perf_counter()
-        self.last_log = self.start
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        if self.log_lines:
-            now = time.perf_counter()
-            if done == total or now - self.last_log >= self.LOG_EVERY_S:
-                self.last_log = now
-                rate = done / (now - self.start) if now > self.start else 0.0
-                log.info("%d/%d clips, %.2f clips/s", done, total, rate)
-            return
-        if not self.enabled:
-            return
-        if self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, unit="clip", desc="extracting", dynamic_ncols=True, smoothing=0.1,
-                            leave=False)  # the summary table follows; a finished bar adds nothing
-        self.bar.update(done - self.bar.n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -268,9 +235,9 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, env: DistEnv
     if inputs.skipped:
         log.warning("%d file(s) in %s are not clips and were skipped: %s", sum(map(len, inputs.skipped.values())),
                     args.input, inputs.skipped_summary())
-    bar = _Bar(enabled=not args.quiet, tty=sys.stderr.isatty())
+    bar = TqdmProgress("clip", enabled=not args.quiet, log_every_s=LOG_EVERY_S)
     redirect = contextlib.nullcontext()
-    if bar.enabled:
+    if bar.enabled and bar.tty:
         from tqdm.contrib.logging import logging_redirect_tqdm
 
         redirect = logging_redirect_tqdm()
@@ -315,9 +282,9 @@ def _run_rank(args: argparse.Namespace, cfg, env: DistEnv) -> int:
         if env.is_main:
             log.info("%d clips from %s; %d processes; writing %s", len(items), args.manifest or args.input,
                      env.world_size, args.out)
-        bar = _Bar(enabled=env.is_main and not args.quiet, tty=sys.stderr.isatty())
+        bar = TqdmProgress("clip", enabled=env.is_main and not args.quiet, log_every_s=LOG_EVERY_S)
         redirect = contextlib.nullcontext()
-        if bar.enabled:
+        if bar.enabled and bar.tty:
             from tqdm.contrib.logging import logging_redirect_tqdm
 
             redirect = logging_redirect_tqdm()

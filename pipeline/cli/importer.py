@@ -11,9 +11,11 @@ import logging
 import sys
 from pathlib import Path
 
+from core.clip import MODALITIES
 from core.records import StoreError
-from pipeline.cli import HelpFormatter
+from pipeline.cli import CliError, HelpFormatter
 from pipeline.cli.logs import cli_logging, level_for
+from pipeline.cli.progress import TqdmProgress
 from pipeline.gcnet_import import DATASETS, GcnetImportError, import_gcnet
 
 log = logging.getLogger("comp-import")
@@ -32,9 +34,6 @@ The label pickle is read with a restricted unpickler that refuses anything but p
 All-zero vectors (how these sets mark an absent modality) are stored as absent with a reason.
 """
 
-
-class CliError(Exception):
-    """A usage problem: printed without a traceback, exit status 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,31 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class TqdmProgress:
-    """The importer's (done, total) hook as one tqdm bar."""
-
-    def __init__(self) -> None:
-        self._bar = None
-
-    def __call__(self, done: int, total: int) -> None:
-        if self._bar is None:
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=total, desc="importing", unit="utt", dynamic_ncols=True, file=sys.stderr)
-        self._bar.update(done - self._bar.n)
-        if done >= total:
-            self.close()
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-
-
 def _check_paths(args: argparse.Namespace) -> None:
     if not args.labels.is_file():
         raise CliError(f"--labels {args.labels}: no such file")
-    for m in ("audio", "text", "visual"):
+    for m in MODALITIES:
         d = getattr(args, m)
         if not d.is_dir():
             raise CliError(f"--{m} {d}: no such folder")
@@ -102,14 +80,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    progress = None if args.quiet else TqdmProgress()
+    progress = TqdmProgress("utt", enabled=not args.quiet)
     try:
         _check_paths(args)
         summary = import_gcnet(args.labels, {"audio": args.audio, "text": args.text, "visual": args.visual},
                                args.out, dataset=args.dataset, overwrite=args.overwrite, progress=progress)
     except (CliError, GcnetImportError, StoreError) as err:
-        if progress is not None:
-            progress.close()
+        progress.close()
         print(f"comp-import: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -16,8 +16,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from core.clip import MODALITIES
 from pipeline.cli import HelpFormatter
 from pipeline.cli.logs import cli_logging, level_for, quiet_transformers
+from pipeline.cli.progress import TqdmProgress
+
+PROGRESS_FROM = 4  # clips: below this a bar is more noise than help
 
 EPILOG = """examples:
   comp-predict clip.mp4 --model runs/iemocap4
@@ -89,7 +93,7 @@ def format_table(results: Sequence[dict[str, Any]], names: Sequence[str] | None 
     each modality, transcript, and the error of each clip that could not be predicted (only when there is one).
     `names` label the rows (default: the paths relative to their common folder, `display_names`)."""
     names = list(names) if names is not None else display_names([r["clip"] for r in results])
-    header = ["clip", "prediction", "p", "audio", "text", "visual", "transcript"]
+    header = ["clip", "prediction", "p", *MODALITIES, "transcript"]
     errors = any(r.get("prediction") is None for r in results)
     if errors:
         header.append("error")
@@ -103,7 +107,7 @@ def format_table(results: Sequence[dict[str, Any]], names: Sequence[str] | None 
         else:
             label, conf = f"{pred['value']:.3f}", ""
         mods, error = r["modalities"], str(r.get("error", ""))
-        row = [name, label, conf, *(_modality_cell(mods[m], error) for m in ("audio", "text", "visual")),
+        row = [name, label, conf, *(_modality_cell(mods[m], error) for m in MODALITIES),
                r.get("transcript", "")]
         if errors:
             row.append(r.get("error", ""))
@@ -160,19 +164,20 @@ def _run(args: argparse.Namespace) -> int:
     if out_path is not None:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         stream = open(out_path, "w", encoding="utf-8")
-    bar = _progress(len(clips), quiet=args.quiet)
+    bar = TqdmProgress("clip", enabled=not args.quiet, min_total=PROGRESS_FROM)
     try:
-        for pred in predictor.predict_paths(clips):
+        bar("predicting", 0, len(clips))
+        for done, pred in enumerate(predictor.predict_paths(clips), start=1):
             result = pred.to_dict()
             results.append(result)
             if result["prediction"] is None:
                 failed += 1
                 log.warning("%s: %s", result["clip"], result.get("error", "not predicted"))
             if args.format == "json" and many:  # JSON Lines stream as clips finish
-                with bar.external_write_mode(file=stream):  # lifts the bar when both share a terminal
+                with bar.lifted(stream):  # lifts the bar when both share a terminal
                     stream.write(json.dumps(result, ensure_ascii=False) + "\n")
                     stream.flush()
-            bar.update(1)
+            bar("predicting", done, len(clips))
         bar.close()
         if args.format == "table" or not many:
             _write(results, args.format, stream, lines=many)
@@ -183,17 +188,6 @@ def _run(args: argparse.Namespace) -> int:
     if out_path is not None and not args.quiet:
         print(f"comp-predict: {len(results)} prediction(s) written to {out_path}", file=sys.stderr)
     return 1 if failed else 0
-
-
-PROGRESS_FROM = 4  # clips: below this a bar is more noise than help
-
-
-def _progress(total: int, *, quiet: bool):
-    """A clip counter on stderr that clears itself; off for a few clips, with -q, and when stderr is no tty."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="clip", desc="predicting", leave=False, dynamic_ncols=True, file=sys.stderr,
-                disable=True if quiet or total < PROGRESS_FROM else None)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from core.atomic import atomic_open
 from pipeline.cli import HelpFormatter
 from pipeline.cli.logs import cli_logging, level_for
 from pipeline.recipes import Prepared, PrepareError, recipes, write_manifest
@@ -115,7 +116,7 @@ def _write_skipped(prepared: Prepared, out: Path) -> None:
     if not prepared.skipped:
         path.unlink(missing_ok=True)
         return
-    with open(path, "w", newline="", encoding="utf-8") as fh:
+    with atomic_open(path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(["id", "reason"])
         writer.writerows((s.id, s.reason) for s in prepared.skipped)

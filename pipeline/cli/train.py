@@ -21,8 +21,9 @@ from comp.config import TrainConfig
 from core.config import apply_overrides, load_yaml
 from core.distributed import DistEnv, DistributedError
 from core.errors import ConfigError
-from pipeline.cli import HelpFormatter
+from pipeline.cli import CliError, HelpFormatter
 from pipeline.cli.logs import cli_logging, level_for
+from pipeline.cli.progress import TqdmProgress
 from pipeline.presets import available_presets, preset_path
 
 log = logging.getLogger("comp-train")
@@ -67,9 +68,6 @@ DEFAULTS = TrainConfig()
 def _from_config(value: object) -> str:
     return f"(default: the preset's or config's, else {value})"
 
-
-class CliError(Exception):
-    """A usage problem: printed without a traceback, exit status 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,49 +147,6 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     return cfg
 
 
-class TqdmProgress:
-    """The library's progress hook as one tqdm bar per run (over its batches), on a terminal only.
-
-    The bar sits below the log: each epoch's log line is written above it (the console handler writes through
-    tqdm), and the bar clears itself when the run ends, so a terminal shows one line per epoch and no bars left
-    behind. Off a terminal (a pipe, a file, CI) there is no bar at all, only the log lines.
-    """
-
-    def __init__(self) -> None:
-        self._bar = None
-        self._run = ""
-        self._epochs = 0
-
-    def run_started(self, label: str, epochs: int) -> None:
-        self._close()
-        self._run, self._epochs = label, epochs
-
-    def epoch_started(self, epoch: int, stage: int, n_batches: int) -> None:
-        if self._bar is None:
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=self._epochs * n_batches, desc=self._run, unit="batch", leave=False,
-                             dynamic_ncols=True, file=sys.stderr, disable=None)  # None: off when not a tty
-        self._bar.set_description_str(f"{self._run} epoch {epoch + 1}/{self._epochs} (stage {stage})",
-                                      refresh=False)
-
-    def batch_done(self, loss: float) -> None:
-        if self._bar is not None:
-            self._bar.set_postfix_str(f"loss {loss:.3f}", refresh=False)
-            self._bar.update(1)
-
-    def epoch_done(self, entry: dict) -> None:
-        pass
-
-    def run_done(self, records: list[dict]) -> None:
-        self._close()
-
-    def _close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -253,10 +208,10 @@ def _train(args: argparse.Namespace, cfg: TrainConfig, env: DistEnv) -> int:
     from core.records import StoreError
     from pipeline.train import run_training
 
-    progress = None if args.quiet or not env.is_main else TqdmProgress()
+    progress = TqdmProgress("batch", enabled=not args.quiet and env.is_main)
     try:
         with start(cfg.device, env, fan_out=args.fan_out) as parallel:
-            run_training(args.store, cfg, args.out, hooks=progress, parallel=parallel)
+            run_training(args.store, cfg, args.out, progress=progress, parallel=parallel)
     except PeerError as err:
         if env.is_main:
             log.error("comp-train: %s", err)

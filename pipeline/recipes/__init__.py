@@ -20,12 +20,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.atomic import atomic_open
+from core.errors import CompError
+
 MANIFEST_COLUMNS = ("path", "audio_path", "start", "end", "crop", "id", "label", "value", "conversation",
                     "position", "speaker", "split", "fold")
 META_PREFIX = "meta_"  # informational columns: kept in the manifest, not read by comp-extract
 
 
-class PrepareError(ValueError):
+class PrepareError(CompError, ValueError):
     """The tree is not the dataset the recipe expects; the message names what is missing."""
 
 
@@ -101,14 +104,11 @@ def write_manifest(rows: Sequence[ManifestRow], out: Path) -> list[str]:
             if c in ("path", "id") or any(not _is_default(r, c) for r in rows)]
     meta = sorted({k for r in rows for k in r.meta})
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+    with atomic_open(out, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(used + [META_PREFIX + k for k in meta])
         for r in rows:
             writer.writerow([_format(getattr(r, c)) for c in used] + [r.meta.get(k, "") for k in meta])
-    tmp.replace(out)
     return used + [META_PREFIX + k for k in meta]
 
 

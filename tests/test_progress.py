@@ -1,0 +1,42 @@
+"""The CLIs' progress adapter: one hook shape (task, done, total, detail), a bar on a terminal only."""
+
+from __future__ import annotations
+
+import logging
+
+from pipeline.cli.progress import TqdmProgress
+
+
+def test_off_a_terminal_it_logs_now_and_then_and_draws_nothing(caplog, capsys):
+    progress = TqdmProgress("clip", log_every_s=3600.0)
+    progress.tty = False
+    with caplog.at_level(logging.INFO, logger="pipeline.cli.progress"):
+        for done in range(6):
+            progress("clips", done, 5)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and lines[0].startswith("5/5 clips")  # the final count, not one line per clip
+    assert capsys.readouterr().err == ""
+
+
+def test_quiet_and_small_counts_report_nothing(caplog):
+    quiet = TqdmProgress("clip", enabled=False, log_every_s=0.0)
+    small = TqdmProgress("clip", min_total=4, log_every_s=0.0)
+    quiet.tty = small.tty = False
+    with caplog.at_level(logging.INFO, logger="pipeline.cli.progress"):
+        for done in range(4):
+            quiet("clips", done, 3)
+            small("clips", done, 3)
+    assert caplog.records == []
+
+
+def test_on_a_terminal_a_new_task_replaces_the_bar():
+    progress = TqdmProgress("batch")
+    progress.tty = True
+    progress("run a epoch 1/2", 0, 10)
+    first = progress._bar
+    progress("run a epoch 1/2", 3, 10, "loss 0.5")
+    assert progress._bar is first and first.n == 3
+    progress("run a epoch 2/2", 0, 10)
+    assert progress._bar is not first and first.disable  # the old bar was closed
+    progress("run a epoch 2/2", 10, 10)
+    assert progress._bar is None  # a finished count clears its bar
