@@ -91,34 +91,34 @@ def comp_lines(name: str, result, seconds: float) -> list[str]:
     """ComP's fused test scores, per-head test scores, and where its selected epoch lies."""
     from comp.metrics import summarize
 
-    main = [r for r in result.runs if r["condition"] == result.main_condition]
+    main = [r for r in result.runs if r.condition == result.main_condition]
     lines = [f"{'ComP ' + name:<28} " + "  ".join(_fmt(result.summary.get(k)) for k in ("acc", "ua", "wf1"))
              + f"   ({seconds:.0f}s)"]
     for m in ("audio", "text", "visual"):
-        heads = summarize([(r.get("test_heads") or {}).get(m) or {} for r in main])
+        heads = summarize([r.test_heads.get(m) or {} for r in main])
         lines.append(f"{'  head ' + m:<28} " + "  ".join(_fmt(heads.get(k)) for k in ("acc", "ua", "wf1")))
     for r in main:
-        hist = r["history"]
-        metric = r["selection_metric"]
+        hist = r.history
+        metric = r.selection_metric
         best = {}
         for h in hist:
-            v = (h.get("val") or {}).get(metric)
-            if v is not None and math.isfinite(v) and v > best.get(h["stage"], (-1.0, 0))[0]:
-                best[h["stage"]] = (v, h["epoch"])
+            v = h.val.get(metric)
+            if v is not None and math.isfinite(v) and v > best.get(h.stage, (-1.0, 0))[0]:
+                best[h.stage] = (v, h.epoch)
         per_stage = ", ".join(f"stage {s}: {v:.4f} @ epoch {e}" for s, (v, e) in sorted(best.items()))
         last = hist[-1]
-        lines.append(f"  fold {r['fold']} seed {r['seed']}: selected epoch {r['best_epoch']} (stage "
-                     f"{hist[r['best_epoch'] - 1]['stage']}); best val {metric} {per_stage}; last epoch val "
-                     f"{(last.get('val') or {}).get(metric, float('nan')):.4f}, loss {last['train_loss']:.3f}")
+        lines.append(f"  fold {r.fold} seed {r.seed}: selected epoch {r.best_epoch} (stage "
+                     f"{hist[r.best_epoch - 1].stage}); best val {metric} {per_stage}; last epoch val "
+                     f"{last.val.get(metric, float('nan')):.4f}, loss {last.train_loss:.3f}")
     return lines
 
 
 def paired_line(result, baselines: dict, name: str = "linear+mask+context", metric: str = "wf1") -> str:
     """ComP minus the baseline on `metric`, per fold x seed (same test conversations and masks) and on average."""
-    theirs = {(r["fold"], r["seed"]): r["test"].get(metric) for r in baselines[name]["runs"]
-              if r["condition"] == result.main_condition}
-    diffs = [(r["fold"], r["seed"], r["test"][metric] - theirs[(r["fold"], r["seed"])]) for r in result.runs
-             if r["condition"] == result.main_condition and (r["fold"], r["seed"]) in theirs]
+    theirs = {(r.fold, r.seed): r.test.get(metric) for r in baselines[name].runs
+              if r.condition == result.main_condition}
+    diffs = [(r.fold, r.seed, r.test[metric] - theirs[(r.fold, r.seed)]) for r in result.runs
+             if r.condition == result.main_condition and (r.fold, r.seed) in theirs]
     if not diffs:
         return f"  paired vs {name}: no common runs"
     values = [d for _, _, d in diffs]
@@ -151,13 +151,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.epochs} epochs (stage 1: {args.stage_epochs})")
         cfg0 = build_config(args, [])
         t0 = time.perf_counter()
-        baselines = run_baselines(data=data, cfg=cfg0, out_dir=Path(tmp))
+        baselines = run_baselines(data=data, cfg=cfg0)
         base_seconds = time.perf_counter() - t0
         header = f"{'model':<28} {'acc':^14}  {'ua':^14}  {'wf1':^14}"
         print(header)
         print("-" * len(header))
         for name, b in baselines.items():
-            print(f"{name:<28} " + "  ".join(_fmt(b['summary'].get(k)) for k in ("acc", "ua", "wf1")))
+            print(f"{name:<28} " + "  ".join(_fmt(b.summary.get(k)) for k in ("acc", "ua", "wf1")))
         print(f"  (all baselines: {base_seconds:.1f}s)")
         for name in names:
             cfg = build_config(args, EXPERIMENTS[name])
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             result = train_protocol(data, cfg)
             print("\n".join(comp_lines(name, result, time.perf_counter() - t0)))
             print(paired_line(result, baselines), flush=True)
-        context = baselines["linear+mask+context"]["summary"]["wf1"]["mean"]
+        context = baselines["linear+mask+context"].summary["wf1"]["mean"]
         print(f"context baseline wf1 {context:.4f}: ComP should match it (see the ComP rows above)")
     return 0
 

@@ -89,7 +89,7 @@ def training_lines(args: argparse.Namespace, data) -> list[str]:
     for name, extra in FLIPS.items():
         t0 = time.perf_counter()
         result = train_protocol(data, build_config(args, extra))
-        accs = [r["test"]["acc"] for r in result.runs if r["condition"] == result.main_condition]
+        accs = [r.test["acc"] for r in result.runs if r.condition == result.main_condition]
         sd = float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0
         lines.append(f"  {name:<52} {np.mean(accs):.4f} ± {sd:.4f}   per seed "
                      + " ".join(f"{a:.3f}" for a in accs) + f"   ({time.perf_counter() - t0:.0f}s)")

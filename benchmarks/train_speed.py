@@ -53,7 +53,7 @@ def worker(args: argparse.Namespace) -> None:
     with deterministic(device):
         outcome = fit_run(conversations, plan, cfg, cfg.seed, task=data.header.task,
                           label_names=list(data.header.label_names), device=device)
-    hist = outcome.records[-1]["history"]
+    hist = outcome.records[-1].to_dict()["history"]
 
     def per_stage(stage: int, key: str) -> float:
         vals = [h[key] for h in hist if h["stage"] == stage]

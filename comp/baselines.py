@@ -63,6 +63,7 @@ from comp import masks
 from comp.config import TrainConfig
 from comp.data import Conversation, FoldPlan, Normalizer, build_conversations, plan_folds, select
 from comp.metrics import confusion, is_improvement, metric_names, primary_metric, score, summarize
+from comp.results import BaselineResult, BaselineRun
 from comp.seeding import mask_rng
 from comp.selection import SELECTED_ON_TEST, SELECTED_ON_VAL
 from core.clip import MODALITIES
@@ -300,14 +301,9 @@ def _mask_key(conversations: Sequence[Conversation]) -> str:
     return h.hexdigest()
 
 
-def run_baselines(*, data: StoreData, cfg: TrainConfig) -> dict[str, Any]:
-    """Fit and score every baseline on the training loop's folds, seeds and masks.
-
-    Returns {name: {"description", "seconds", "summary": {metric: {mean, std, n}} (main condition, as
-    ComP's summary), "summary_by_condition": {condition: summary}, "runs": [{"fold", "seed", "condition",
-    "C", "selected_on", "val_score", "test": {metric: value}, "confusion": [[int]] or None}]}}, which the
-    caller stores in metrics.json.
-    """
+def run_baselines(*, data: StoreData, cfg: TrainConfig) -> dict[str, BaselineResult]:
+    """Fit and score every baseline on the training loop's folds, seeds and masks: {name: its result}, the
+    summary on the main condition as ComP's. The caller stores them in metrics.json."""
     task = data.header.task
     label_names = list(data.header.label_names)
     n_outputs = len(label_names) if task == "classification" else 1
@@ -322,19 +318,19 @@ def run_baselines(*, data: StoreData, cfg: TrainConfig) -> dict[str, Any]:
     plans = plan_folds(data, cfg, paper_protocol=paper)
     selected_on = SELECTED_ON_TEST if paper else SELECTED_ON_VAL
 
-    runs: dict[str, list[dict]] = {b.name: [] for b in BASELINES}
+    runs: dict[str, list[BaselineRun]] = {b.name: [] for b in BASELINES}
     seconds = {b.name: 0.0 for b in BASELINES}
     with threadpool_limits(limits=1):
         for plan in plans:
             _run_plan(plan, conversations, cfg, spec, task, n_outputs, metric, labels, selected_on, runs,
                       seconds)
 
-    out: dict[str, Any] = {}
+    out: dict[str, BaselineResult] = {}
     for b in BASELINES:
-        by_condition = {c: summarize([r["test"] for r in runs[b.name] if r["condition"] == c]) for c in labels}
-        out[b.name] = {"description": b.description, "seconds": seconds[b.name],
-                       "summary": by_condition[labels[-1]], "summary_by_condition": by_condition,
-                       "runs": runs[b.name]}
+        by_condition = {c: summarize([r.test for r in runs[b.name] if r.condition == c]) for c in labels}
+        out[b.name] = BaselineResult(description=b.description, seconds=seconds[b.name],
+                                     summary=by_condition[labels[-1]], summary_by_condition=by_condition,
+                                     runs=runs[b.name])
         log.info("baseline %-20s %s %s (%.1fs)", b.name, metric,
                  _fmt_mean(by_condition[labels[-1]].get(metric)), seconds[b.name])
     return out
@@ -342,7 +338,7 @@ def run_baselines(*, data: StoreData, cfg: TrainConfig) -> dict[str, Any]:
 
 def _run_plan(plan: FoldPlan, conversations: Sequence[Conversation], cfg: TrainConfig, spec: masks.MissingSpec,
               task: str, n_outputs: int, metric: str, labels: Sequence[str], selected_on: str,
-              runs: dict[str, list[dict]], seconds: dict[str, float]) -> None:
+              runs: dict[str, list[BaselineRun]], seconds: dict[str, float]) -> None:
     """Every seed x baseline of one plan; results appended to `runs`, fit time added to `seconds`."""
     train_c = select(conversations, plan.train)
     normalizer = Normalizer.fit(train_c)
@@ -371,10 +367,10 @@ def _run_plan(plan: FoldPlan, conversations: Sequence[Conversation], cfg: TrainC
                 seconds[b.name] += time.perf_counter() - t0
                 cache[(b.name, key)] = fit
             for cond in labels:
-                runs[b.name].append({"fold": plan.name, "seed": seed, "condition": cond, "C": fit["C"],
-                                     "selected_on": fit["selected_on"], "val_score": fit["val_score"],
-                                     "test": fit["tests"][cond],
-                                     "confusion": fit["confusion"][cond] if fit["confusion"] else None})
+                runs[b.name].append(BaselineRun(fold=plan.name, seed=seed, condition=cond, C=fit["C"],
+                                                selected_on=fit["selected_on"], val_score=fit["val_score"],
+                                                test=fit["tests"][cond],
+                                                confusion=fit["confusion"][cond] if fit["confusion"] else None))
 
 
 def _fmt_mean(entry: Mapping[str, Any] | None) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 
 from comp.config import TrainConfig
+from comp.results import BaselineResult, EpochRecord, RunRecord
 from comp.seeding import deterministic, mask_rng, seed_everything
 from comp.selection import SELECTED_ON_LAST, SELECTED_ON_TEST, SELECTED_ON_VAL, SELECTED_REFIT
 from core import __version__
@@ -177,7 +179,7 @@ class RunOutcome:
 
     fold: str
     seed: int
-    records: list[dict]
+    records: list[RunRecord]  # one per condition, the main one last
     selection_metric: str
     selection_score: float
     state_dict: dict[str, torch.Tensor]
@@ -188,7 +190,7 @@ class RunOutcome:
     stage: int = 2  # the forward stage of the selected epoch: the stage that predicts with these weights
 
     @property
-    def main_record(self) -> dict:
+    def main_record(self) -> RunRecord:
         return self.records[-1]
 
     @property
@@ -225,29 +227,36 @@ def _n_outputs(task: str, label_names: Sequence[str]) -> int:
     return len(label_names) if task == "classification" else 1
 
 
-def fit_run(conversations: Sequence[Any], plan: Any, cfg: TrainConfig, seed: int, *, task: str,
-            label_names: Sequence[str], device: torch.device, progress: Progress | None = None,
-            parallel: Any = None) -> RunOutcome:
-    """Train one model on `plan.train`, select an epoch, score `plan.test` under every condition.
+@dataclass
+class RunData:
+    """One run's conversations as training and evaluation consume them: normalised on the training
+    conversations' statistics, packed, and (clean protocol) masked once per evaluation condition."""
 
-    `parallel` (a comp.parallel.Parallel with `data_parallel`): every rank of the job calls this together;
-    each trains on its share of every batch and all of them return the same outcome.
-    """
-    from comp.data import Normalizer, iterate_batches, pack, select
-    from comp.masks import mask_conversations, parse_missing
-    from comp.model import ComP
+    label: str  # "fold <name> seed <seed>", for the log and the progress display
+    normalizer: Any  # comp.data.Normalizer
+    train: Any  # comp.data.PackedConversations
+    val: list[Any]  # normalised val conversations (comp.data.Conversation); [] without any
+    test: list[Any]  # normalised test conversations
+    val_sets: dict[str, Any]  # clean: condition label -> packed val conversations under its fixed mask
+    eval_packed: Any  # faithful: the packed evaluation (test) conversations, masked afresh per batch; else None
+    splits: dict[str, dict]  # "train"/"val"/"test" -> comp.selection.split_sizes
 
-    progress = progress or no_progress
-    ddp = parallel is not None and parallel.data_parallel
+    @property
+    def input_dims(self) -> dict[str, int]:
+        return {m: int(self.train.features[m].shape[1]) for m in MODALITIES}
+
+
+def prepare_run(conversations: Sequence[Any], plan: Any, cfg: TrainConfig, missing: Missingness, *, task: str,
+                label_names: Sequence[str], label: str) -> RunData:
+    """Select the plan's conversations, fit the normaliser on the training ones (§9.17: the released code
+    feeds the features as stored), pack them, and fix the validation masks (clean protocol)."""
+    from comp.data import Normalizer, pack, select
+    from comp.selection import split_sizes
+
     q = cfg.model.resolved
     paper = bool(q.test_selection)
-    missing = Missingness(parse_missing(cfg.missing))
-    metric = _selection_metric(cfg, task)
-    errors_on = "non0" if q.nonzero_mae_corr else "all"  # §9.20: where regression MAE/Corr are computed
-    label = f"fold {plan.name} seed {seed}"
-
     train_c = select(conversations, plan.train)
-    if q.raw_features:  # §9.17: the released code feeds the features as stored
+    if q.raw_features:
         normalizer = Normalizer.identity({m: int(train_c[0].features[m].shape[1]) for m in MODALITIES})
     else:
         normalizer = Normalizer.fit(train_c)
@@ -256,211 +265,332 @@ def fit_run(conversations: Sequence[Any], plan: Any, cfg: TrainConfig, seed: int
     test_c = normalizer.apply(select(conversations, plan.test))
     if not train_packed.labelled[:-1].any():
         raise TrainingError(f"{label}: no labelled training utterance; label the clips in the store")
+    splits = {name: split_sizes(convs, task, label_names)
+              for name, convs in (("train", train_c), ("val", [] if paper else val_c), ("test", test_c))}
+    return RunData(label=label, normalizer=normalizer, train=train_packed, val=val_c, test=test_c,
+                   val_sets={} if paper else fixed_mask_sets(val_c, missing, cfg.seed),
+                   eval_packed=pack(val_c) if (paper and val_c) else None, splits=splits)
 
-    # Clean protocol: fixed, seeded masks on val and test (the base seed: every seed and model sees the
-    # same test masks). Faithful: masks are redrawn per batch at every evaluation instead.
-    def fixed_sets(convs):
-        if not convs:
-            return {}
-        return {c.label: pack(mask_conversations(convs, c, cfg.seed)[0]) for c in missing.conditions}
 
-    val_sets = {} if paper else fixed_sets(val_c)
-    eval_packed = pack(val_c) if (paper and val_c) else None
+def fixed_mask_sets(conversations: Sequence[Any], missing: Missingness, seed: int) -> dict[str, Any]:
+    """Clean protocol: per condition, the conversations under a fixed mask seeded by the base seed (every
+    seed and model sees the same masks), packed. Faithful redraws masks per batch instead."""
+    from comp.data import pack
+    from comp.masks import mask_conversations
 
-    seed_everything(seed)
-    rng = mask_rng(seed)
-    order_rng = np.random.default_rng([seed, 1])
-    input_dims = {m: int(train_packed.features[m].shape[1]) for m in MODALITIES}
-    n_outputs = _n_outputs(task, label_names)
+    if not conversations:
+        return {}
+    return {c.label: pack(mask_conversations(conversations, c, seed)[0]) for c in missing.conditions}
+
+
+@dataclass
+class Fitter:
+    """The model and what updates it: the (possibly data-parallel) step, the optimizer, AMP, the modulator."""
+
+    model: torch.nn.Module
+    step: Callable[..., Any]  # (batch, stage) -> (loss, named loss terms, model output)
+    optimizer: torch.optim.Optimizer
+    autocast: Callable[[], Any]
+    scaler: Any  # torch.amp.GradScaler or None
+    modulator: Any  # comp.modulator.GradientModulator (or its synced form) or None
+    parallel: Any  # comp.parallel.Parallel when data parallel, else None
+
+
+def build_fitter(cfg: TrainConfig, input_dims: dict[str, int], n_outputs: int, task: str, device: torch.device,
+                 seed: int, parallel: Any) -> Fitter:
+    """A fresh ComP on `device` and its optimizer; `parallel` (data parallel) wraps the step in DDP."""
+    from comp.model import ComP
+
     model = ComP(cfg.model, input_dims, n_outputs, task).to(device)
-
-    def forward_loss(batch, stage: int):
-        out = model(batch, stage)
-        return (*_loss(out, batch, cfg, task, stage), out)
-
-    step = forward_loss  # (batch, stage) -> (loss, parts, output)
-    if ddp:
-        step = parallel.training_step(model, lambda out, batch, stage: _loss(out, batch, cfg, task, stage))
+    loss_fn = functools.partial(_loss, cfg=cfg, task=task)
+    step: Callable[..., Any] = functools.partial(_forward_loss, model, loss_fn)
+    if parallel is not None:
+        step = parallel.training_step(model, loss_fn)
         parallel.reseed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     autocast, scaler = _autocast_factory(device, cfg)
     modulator = None
-    if q.gradient_modulator:
+    if cfg.model.resolved.gradient_modulator:
         from comp.modulator import GradientModulator
 
-        modulator = parallel.modulator(model, cfg.model, task) if ddp else GradientModulator(model, cfg.model, task)
+        modulator = (parallel.modulator(model, cfg.model, task) if parallel is not None
+                     else GradientModulator(model, cfg.model, task))
+    return Fitter(model, step, optimizer, autocast, scaler, modulator, parallel)
 
-    def evaluate_conditions(stage: int) -> dict[str, EvalResult]:
-        results: dict[str, EvalResult] = {}
-        for cond in missing.conditions:
-            if paper:
-                # the released protocol: shuffled batches (prototypes depend on the batch), fresh masks
-                from comp.masks import mask_batch
 
-                batches = (mask_batch(item, cond, rng)[0]
-                           for item in iterate_batches(eval_packed, cfg.batch_size, shuffle=True, rng=order_rng))
-            else:
-                batches = iterate_batches(val_sets[cond.label], cfg.batch_size, shuffle=False)
-            results[cond.label] = evaluate(model, batches, stage=stage, task=task, label_names=label_names,
-                                           device=device, autocast=autocast, errors_on=errors_on)
-        if len(missing.conditions) > 1:
-            results["pooled"] = pool_results(list(results.values()), task, label_names, errors_on)
+def _forward_loss(model: torch.nn.Module, loss_fn: Callable[..., Any], batch: Any, stage: int):
+    out = model(batch, stage)
+    return (*loss_fn(out, batch, stage), out)
+
+
+def train_epoch(fitter: Fitter, run: RunData, cfg: TrainConfig, missing: Missingness, *, epoch: int, stage: int,
+                rng: np.random.Generator, order_rng: np.random.Generator, device: torch.device,
+                progress: Progress) -> tuple[float, dict[str, float]]:
+    """One pass over the training conversations in shuffled batches, each masked as `missing` says.
+    Returns (mean loss, mean of each named loss term) over the batches (over every rank's share)."""
+    from comp.data import iterate_batches
+
+    ddp = fitter.parallel is not None
+    n_batches = math.ceil(len(run.train) / cfg.batch_size)
+    task_name = f"{run.label} epoch {epoch + 1}/{cfg.epochs} (stage {stage})"
+    progress(task_name, 0, n_batches)
+    (fitter.step if ddp else fitter.model).train()
+    loss_sum, parts_sum = 0.0, {}
+    if ddp:
+        batches = (item.batch for item in fitter.parallel.local_batches(run.train, cfg.batch_size, order_rng,
+                                                                        missing, rng))
+    else:
+        batches = (missing.train_batch(item, rng).batch
+                   for item in iterate_batches(run.train, cfg.batch_size, shuffle=True, rng=order_rng))
+    for done, cpu_batch in enumerate(batches, start=1):
+        value, parts = _train_step(fitter, cpu_batch.to(device), stage, f"{run.label}, epoch {epoch + 1}")
+        loss_sum += value
+        for k, v in parts.items():
+            parts_sum[k] = parts_sum.get(k, 0.0) + v
+        progress(task_name, done, n_batches, f"loss {value:.3f}")
+    if ddp:  # the epoch's loss over every rank's share, not rank 0's alone
+        means = fitter.parallel.mean_over_ranks({"": loss_sum, **parts_sum})
+        loss_sum = means.pop("")
+        parts_sum = means
+    return loss_sum / max(1, n_batches), {k: v / max(1, n_batches) for k, v in parts_sum.items()}
+
+
+def _train_step(fitter: Fitter, batch: Any, stage: int, where: str) -> tuple[float, dict[str, float]]:
+    """Forward, backward (loss-scaled under fp16 AMP), the modulator in stage 2, one optimizer step."""
+    with fitter.autocast():
+        loss, parts, out = fitter.step(batch, stage)
+    if not torch.isfinite(loss):
+        raise TrainingError(f"{where}: the loss became {float(loss)} ({parts}); lower the learning rate "
+                            "(--set lr=...) or turn AMP off (--set amp=false)")
+    fitter.optimizer.zero_grad(set_to_none=True)
+    if fitter.scaler is not None:
+        # the modulator runs on scaled gradients: it rescales them (and the retained activation gradient it
+        # uses is scaled alike), so the loss scale cancels
+        fitter.scaler.scale(loss).backward()
+    else:
+        loss.backward()
+    if fitter.modulator is not None and stage == 2:
+        fitter.modulator.apply(out, batch)
+    if fitter.scaler is not None:
+        fitter.scaler.step(fitter.optimizer)
+        fitter.scaler.update()
+    else:
+        fitter.optimizer.step()
+    if fitter.parallel is not None:
+        fitter.parallel.sync_buffers(fitter.model)
+    return float(loss.detach()), parts
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How one run scores its predictions: task, labels, device, AMP and where regression errors count."""
+
+    task: str
+    label_names: Sequence[str]
+    device: torch.device
+    autocast: Callable[[], Any]
+    errors_on: str  # "all" or "non0" (§9.20)
+
+    def evaluate(self, model: torch.nn.Module, batches, stage: int) -> EvalResult:
+        return evaluate(model, batches, stage=stage, task=self.task, label_names=self.label_names,
+                        device=self.device, autocast=self.autocast, errors_on=self.errors_on)
+
+    def pool(self, results: dict[str, EvalResult]) -> dict[str, EvalResult]:
+        """`results` plus, with several conditions, their pool under "pooled"."""
+        if len(results) > 1:
+            results["pooled"] = pool_results(list(results.values()), self.task, self.label_names, self.errors_on)
         return results
 
-    n_batches = math.ceil(len(train_packed) / cfg.batch_size)
-    has_val = bool(val_c)
-    history: dict[str, list[dict]] = {c: [] for c in missing.labels}
-    best_epoch = {c: -1 for c in missing.labels}
-    best_score: dict[str, float | None] = {c: None for c in missing.labels}
-    best: dict[str, Candidate | None] = {c: None for c in missing.labels}
-    best_state: dict[str, torch.Tensor] | None = None
-    from comp.metrics import is_improvement
-    from comp.selection import Candidate, better_epoch, split_sizes
 
-    splits = {name: split_sizes(convs, task, label_names)
-              for name, convs in (("train", train_c), ("val", [] if paper else val_c), ("test", test_c))}
+def evaluate_conditions(model: torch.nn.Module, run: RunData, cfg: TrainConfig, missing: Missingness,
+                        scoring: Scoring, stage: int, *, rng: np.random.Generator,
+                        order_rng: np.random.Generator) -> dict[str, EvalResult]:
+    """The epoch's evaluation under every condition. Clean: the validation conversations under their fixed
+    masks. Faithful (the released protocol): the test conversations in shuffled batches (prototypes depend
+    on the batch) with masks drawn afresh."""
+    from comp.data import iterate_batches
+    from comp.masks import mask_batch
 
+    results: dict[str, EvalResult] = {}
+    for cond in missing.conditions:
+        if run.eval_packed is not None:
+            batches = (mask_batch(item, cond, rng)[0]
+                       for item in iterate_batches(run.eval_packed, cfg.batch_size, shuffle=True, rng=order_rng))
+        else:
+            batches = iterate_batches(run.val_sets[cond.label], cfg.batch_size, shuffle=False)
+        results[cond.label] = scoring.evaluate(model, batches, stage)
+    return scoring.pool(results)
+
+
+def score_test(model: torch.nn.Module, run: RunData, cfg: TrainConfig, missing: Missingness, scoring: Scoring,
+               stage: int) -> dict[str, EvalResult]:
+    """Clean protocol: the test conversations, scored once with the selected weights under every condition."""
+    from comp.data import iterate_batches
+
+    test_sets = fixed_mask_sets(run.test, missing, cfg.seed)
+    return scoring.pool({cond.label: scoring.evaluate(
+        model, iterate_batches(test_sets[cond.label], cfg.batch_size, shuffle=False), stage)
+        for cond in missing.conditions})
+
+
+class EpochSelection:
+    """The selected epoch of each condition as the epochs come in (comp.selection), and the weights of the
+    main condition's. Clean: the best validation metric, then the lower validation loss, then the later
+    epoch, stage-2 epochs only. Faithful: the first epoch with a strictly better score, any stage. Without
+    validation data the last (eligible) epoch."""
+
+    def __init__(self, labels: Sequence[str], main_label: str, metric: str, paper: bool) -> None:
+        self.main_label, self.metric, self.paper = main_label, metric, paper
+        self.history: dict[str, list[EpochRecord]] = {c: [] for c in labels}
+        self.best_epoch = {c: -1 for c in labels}  # 0-based
+        self.best_score: dict[str, float | None] = {c: None for c in labels}
+        self._best: dict[str, Any] = {c: None for c in labels}  # comp.selection.Candidate
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    def add(self, cond: str, entry: EpochRecord, res: EvalResult | None, model: torch.nn.Module) -> None:
+        """Record `entry` (epoch `entry.epoch`, scored `res`) and keep it if it is the better epoch."""
+        from comp.metrics import is_improvement
+        from comp.selection import Candidate, better_epoch
+
+        epoch = entry.epoch - 1
+        self.history[cond].append(entry)
+        value = res.metrics.get(self.metric) if res else None
+        if res is None:
+            chosen = entry.selectable
+        elif self.paper:
+            chosen = is_improvement(self.metric, value, self.best_score[cond])
+        else:
+            cand = Candidate(value, res.loss, epoch)
+            chosen = entry.selectable and better_epoch(self.metric, cand, self._best[cond])
+            if chosen:
+                self._best[cond] = cand
+        if not chosen:
+            return
+        if res is not None:
+            self.best_score[cond] = value
+        self.best_epoch[cond] = epoch
+        if cond == self.main_label:
+            self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def finish(self, model: torch.nn.Module, label: str, epochs: int) -> None:
+        """Load the selected weights into `model`; no epoch with a finite score keeps the last one."""
+        if self.best_state is None:
+            log.warning("%s: no epoch gave a finite %s; keeping the last epoch", label, self.metric)
+            self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            for cond in self.best_epoch:
+                self.best_epoch[cond] = epochs - 1
+        model.load_state_dict(self.best_state)
+
+    def epoch_of(self, cond: str) -> int:
+        """The 0-based epoch whose scores `cond` reports: the main condition's weights (clean, one model is
+        saved) or its own selected epoch (faithful)."""
+        return self.best_epoch[cond] if self.paper else self.best_epoch[self.main_label]
+
+
+def fit_run(conversations: Sequence[Any], plan: Any, cfg: TrainConfig, seed: int, *, task: str,
+            label_names: Sequence[str], device: torch.device, progress: Progress | None = None,
+            parallel: Any = None) -> RunOutcome:
+    """Train one model on `plan.train`, select an epoch, score `plan.test` under every condition.
+
+    `parallel` (a comp.parallel.Parallel with `data_parallel`): every rank of the job calls this together;
+    each trains on its share of every batch and all of them return the same outcome.
+    """
+    from comp.masks import parse_missing
+
+    progress = progress or no_progress
+    ddp = parallel is not None and parallel.data_parallel
+    paper = bool(cfg.model.resolved.test_selection)
+    missing = Missingness(parse_missing(cfg.missing))
+    metric = _selection_metric(cfg, task)
+    label = f"fold {plan.name} seed {seed}"
+    run = prepare_run(conversations, plan, cfg, missing, task=task, label_names=label_names, label=label)
+
+    seed_everything(seed)
+    rng = mask_rng(seed)
+    order_rng = np.random.default_rng([seed, 1])
+    n_outputs = _n_outputs(task, label_names)
+    fitter = build_fitter(cfg, run.input_dims, n_outputs, task, device, seed, parallel if ddp else None)
+    # §9.20: where regression MAE/Corr are computed
+    scoring = Scoring(task, label_names, device, fitter.autocast,
+                      "non0" if cfg.model.resolved.nonzero_mae_corr else "all")
+    selection = EpochSelection(missing.labels, missing.main_label, metric, paper)
     log.info("%s: %d train / %d val / %d test conversations, %d epochs (stage 1: %d), %s, device %s",
-             label, len(train_packed), len(val_c), len(test_c), cfg.epochs, cfg.stage_epochs,
+             label, len(run.train), len(run.val), len(run.test), cfg.epochs, cfg.stage_epochs,
              missing.spec.label, device)
     for epoch in range(cfg.epochs):
         stage = 1 if epoch < cfg.stage_epochs else 2
-        task_name = f"{label} epoch {epoch + 1}/{cfg.epochs} (stage {stage})"
-        progress(task_name, 0, n_batches)
         t0 = time.perf_counter()
-        (step if ddp else model).train()
-        loss_sum, parts_sum = 0.0, {}
-        if ddp:
-            batches = (item.batch for item in parallel.local_batches(train_packed, cfg.batch_size, order_rng,
-                                                                     missing, rng))
-        else:
-            batches = (missing.train_batch(item, rng).batch
-                       for item in iterate_batches(train_packed, cfg.batch_size, shuffle=True, rng=order_rng))
-        for done, cpu_batch in enumerate(batches, start=1):
-            batch = cpu_batch.to(device)
-            with autocast():
-                loss, parts, out = step(batch, stage)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"{label}, epoch {epoch + 1}: the loss became {float(loss)} ({parts}); lower "
-                                    "the learning rate (--set lr=...) or turn AMP off (--set amp=false)")
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                # the modulator runs on scaled gradients: it rescales them (and the retained activation
-                # gradient it uses is scaled alike), so the loss scale cancels
-                scaler.scale(loss).backward()
-            else:
-                loss.backward()
-            if modulator is not None and stage == 2:
-                modulator.apply(out, batch)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            if ddp:
-                parallel.sync_buffers(model)
-            value = float(loss.detach())
-            loss_sum += value
-            for k, v in parts.items():
-                parts_sum[k] = parts_sum.get(k, 0.0) + v
-            progress(task_name, done, n_batches, f"loss {value:.3f}")
-        if ddp:  # the epoch's loss over every rank's share, not rank 0's alone
-            means = parallel.mean_over_ranks({"": loss_sum, **parts_sum})
-            loss_sum = means.pop("")
-            parts_sum = means
+        train_loss, train_parts = train_epoch(fitter, run, cfg, missing, epoch=epoch, stage=stage, rng=rng,
+                                              order_rng=order_rng, device=device, progress=progress)
         train_seconds = time.perf_counter() - t0
         t1 = time.perf_counter()
-        results = evaluate_conditions(stage) if (has_val or paper) else {}
+        results = (evaluate_conditions(fitter.model, run, cfg, missing, scoring, stage, rng=rng,
+                                       order_rng=order_rng) if (run.val or paper) else {})
         eval_seconds = time.perf_counter() - t1
         for cond in missing.labels:
             res = results.get(cond)
-            entry = {"epoch": epoch + 1, "stage": stage, "train_loss": loss_sum / max(1, n_batches),
-                     "train_parts": {k: v / max(1, n_batches) for k, v in parts_sum.items()},
-                     "val": res.metrics if res else {}, "val_heads": res.heads if res else {},
-                     "coordinator": res.coordinator if res else None,
-                     "seconds": train_seconds, "eval_seconds": eval_seconds}
-            # clean: a stage-1 epoch is never selected (its fused head is untrained); faithful: as released
-            eligible = paper or stage == 2
-            entry["val_loss"] = res.loss if res else None
-            entry["selectable"] = eligible
-            history[cond].append(entry)
-            value_ = res.metrics.get(metric) if res else None
-            if res is None:  # no validation data: the last epoch is kept
-                chosen = eligible
-            elif paper:
-                chosen = is_improvement(metric, value_, best_score[cond])
-            else:
-                cand = Candidate(value_, res.loss, epoch)
-                chosen = eligible and better_epoch(metric, cand, best[cond])
-                if chosen:
-                    best[cond] = cand
-            if chosen:
-                if res is not None:
-                    best_score[cond] = value_
-                best_epoch[cond] = epoch
-                if cond == missing.main_label:
-                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        main = history[missing.main_label][-1]
-        where = "test" if paper else "val"
-        log.info("%s epoch %d/%d (stage %d): loss %.4f, %s %s %s, %s loss %s%s (%.1fs + %.1fs eval)", label,
-                 epoch + 1, cfg.epochs, stage, main["train_loss"], where, metric, _fmt(main["val"].get(metric)),
-                 where, _fmt_loss(main["val_loss"]), "" if main["selectable"] else " (fused head untrained)",
-                 train_seconds, eval_seconds)
+            entry = EpochRecord(
+                epoch=epoch + 1, stage=stage, train_loss=train_loss, train_parts=train_parts,
+                val=res.metrics if res else {}, val_heads=res.heads if res else {},
+                coordinator=res.coordinator if res else None, seconds=train_seconds, eval_seconds=eval_seconds,
+                val_loss=res.loss if res else None,
+                # clean: a stage-1 epoch is never selected (its fused head is untrained); faithful: as released
+                selectable=paper or stage == 2)
+            selection.add(cond, entry, res, fitter.model)
+        _log_epoch(selection.history[missing.main_label][-1], label, cfg.epochs, metric, paper)
 
-    if best_state is None:  # no epoch produced a finite selection score: keep the last weights
-        log.warning("%s: no epoch gave a finite %s; keeping the last epoch", label, metric)
-        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        for cond in missing.labels:
-            best_epoch[cond] = cfg.epochs - 1
-    model.load_state_dict(best_state)
-    sel_stage = 1 if best_epoch[missing.main_label] < cfg.stage_epochs else 2
-
-    # The test set: scored once, with the selected weights (clean). The paper protocol already scored it
-    # every epoch and reports the selected epoch's numbers.
-    if paper or not test_c:
-        tests = None
-    else:
-        test_sets = fixed_sets(test_c)
-        tests = {}
-        for cond in missing.conditions:
-            tests[cond.label] = evaluate(model, iterate_batches(test_sets[cond.label], cfg.batch_size, shuffle=False),
-                                         stage=sel_stage, task=task, label_names=label_names, device=device,
-                                         autocast=autocast, errors_on=errors_on)
-        if len(missing.conditions) > 1:
-            tests["pooled"] = pool_results(list(tests.values()), task, label_names, errors_on)
-
-    records = []
-    for cond in missing.labels:
-        ep = best_epoch[missing.main_label] if not paper else best_epoch[cond]
-        chosen = history[cond][ep] if history[cond] else {}
-        if paper:
-            test_metrics, test_heads, confusion = chosen.get("val", {}), chosen.get("val_heads", {}), None
-        elif tests is None:
-            test_metrics, test_heads, confusion = {}, {}, None
-        else:
-            res = tests[cond]
-            test_metrics, test_heads = res.metrics, res.heads
-            confusion = _confusion(task, res, n_outputs)
-        records.append({
-            "fold": plan.name, "seed": seed, "run": run_name(plan.name, seed), "condition": cond,
-            "best_epoch": ep + 1, "selected_stage": sel_stage,
-            "selected_on": SELECTED_ON_TEST if paper else (SELECTED_ON_VAL if has_val else SELECTED_ON_LAST),
-            "selection_metric": metric, "val": {} if paper else chosen.get("val", {}),
-            "val_loss": None if paper else chosen.get("val_loss"), "history": history[cond],
-            "test": test_metrics, "test_heads": test_heads, "confusion": confusion, "splits": splits,
-            "label_names": list(label_names), "task": task, "variant": cfg.model.variant})
+    selection.finish(fitter.model, label, cfg.epochs)
+    sel_stage = 1 if selection.best_epoch[missing.main_label] < cfg.stage_epochs else 2
+    # The paper protocol scored the test set every epoch and reports the selected epoch's numbers.
+    tests = None if paper or not run.test else score_test(fitter.model, run, cfg, missing, scoring, sel_stage)
+    records = [_run_record(selection, cond, tests, run, plan.name, seed, sel_stage, n_outputs, cfg, task,
+                           label_names, has_val=bool(run.val)) for cond in missing.labels]
     main = records[-1]
-    log.info("%s: selected epoch %d (stage %d) on %s; test %s", label, main["best_epoch"], sel_stage,
-             main["selected_on"], ", ".join(f"{k} {_fmt(v)}" for k, v in main["test"].items()) or "-")
-    score = best_score[missing.main_label]
-    chosen_loss = history[missing.main_label][best_epoch[missing.main_label]].get("val_loss")
+    log.info("%s: selected epoch %d (stage %d) on %s; test %s", label, main.best_epoch, sel_stage,
+             main.selected_on, ", ".join(f"{k} {_fmt(v)}" for k, v in main.test.items()) or "-")
+    score = selection.best_score[missing.main_label]
+    chosen_loss = selection.history[missing.main_label][selection.best_epoch[missing.main_label]].val_loss
     return RunOutcome(fold=plan.name, seed=seed, records=records, selection_metric=metric,
-                      selection_score=float("nan") if score is None else float(score), state_dict=best_state,
-                      normalizer=normalizer, input_dims=input_dims, n_outputs=n_outputs,
-                      selection_loss=math.nan if chosen_loss is None else float(chosen_loss), stage=sel_stage)
+                      selection_score=float("nan") if score is None else float(score),
+                      state_dict=selection.best_state, normalizer=run.normalizer, input_dims=run.input_dims,
+                      n_outputs=n_outputs, selection_loss=math.nan if chosen_loss is None else float(chosen_loss),
+                      stage=sel_stage)
 
 
-def _loss(out, batch, cfg: TrainConfig, task: str, stage: int):
+def _log_epoch(entry: EpochRecord, label: str, epochs: int, metric: str, paper: bool) -> None:
+    where = "test" if paper else "val"
+    log.info("%s epoch %d/%d (stage %d): loss %.4f, %s %s %s, %s loss %s%s (%.1fs + %.1fs eval)", label,
+             entry.epoch, epochs, entry.stage, entry.train_loss, where, metric, _fmt(entry.val.get(metric)),
+             where, _fmt_loss(entry.val_loss), "" if entry.selectable else " (fused head untrained)",
+             entry.seconds, entry.eval_seconds)
+
+
+def _run_record(selection: EpochSelection, cond: str, tests: dict[str, EvalResult] | None, run: RunData,
+                fold: str, seed: int, sel_stage: int, n_outputs: int, cfg: TrainConfig, task: str,
+                label_names: Sequence[str], *, has_val: bool) -> RunRecord:
+    """The record of condition `cond`: the selected epoch, its validation scores and the test scores."""
+    paper = selection.paper
+    ep = selection.epoch_of(cond)
+    chosen = selection.history[cond][ep] if selection.history[cond] else None
+    confusion = None
+    if paper:  # the selection data is the test set
+        test, test_heads = (chosen.val, chosen.val_heads) if chosen else ({}, {})
+    elif tests is None:
+        test, test_heads = {}, {}
+    else:
+        test, test_heads = tests[cond].metrics, tests[cond].heads
+        confusion = _confusion(task, tests[cond], n_outputs)
+    return RunRecord(
+        fold=fold, seed=seed, run=run_name(fold, seed), condition=cond, best_epoch=ep + 1,
+        selected_stage=sel_stage,
+        selected_on=SELECTED_ON_TEST if paper else (SELECTED_ON_VAL if has_val else SELECTED_ON_LAST),
+        selection_metric=selection.metric, val={} if paper or chosen is None else chosen.val,
+        val_loss=None if paper or chosen is None else chosen.val_loss, history=selection.history[cond],
+        test=test, test_heads=test_heads, confusion=confusion, splits=run.splits, label_names=list(label_names),
+        task=task, variant=cfg.model.variant)
+
+
+def _loss(out, batch, stage: int, *, cfg: TrainConfig, task: str):
     from comp.losses import comp_loss
 
     return comp_loss(out, batch, cfg.model, task, stage)
@@ -489,13 +619,13 @@ def _fmt_loss(value: Any) -> str:
 class ProtocolResult:
     """Every run's records, the summary over runs, and the selected best run."""
 
-    runs: list[dict]
+    runs: list[RunRecord]
     summary: dict[str, dict[str, float]]
     summary_by_condition: dict[str, dict[str, dict[str, float]]]
     best: RunOutcome | None
     main_condition: str
     selected_on: str
-    baselines: dict | None = None
+    baselines: dict[str, BaselineResult] | None = None
     out_dir: Path | None = None
     splits: dict[str, dict[str, dict]] = field(default_factory=dict)  # fold -> train/val/test -> sizes
     warnings: list[str] = field(default_factory=list)  # splits too small to select or score on
@@ -520,17 +650,16 @@ class ProtocolResult:
             return []
         rec = self.best.main_record
         metric = self.best.selection_metric
-        epochs = len(rec["history"])
-        lines = [f"best.pt    run {self.best.name}, epoch {rec['best_epoch']} of {epochs} (stage {self.best.stage})"
-                 + (f", the best of {self.n_runs} runs on {rec['selected_on']} {metric}, then {rec['selected_on']} loss"
+        epochs = len(rec.history)
+        lines = [f"best.pt    run {self.best.name}, epoch {rec.best_epoch} of {epochs} (stage {self.best.stage})"
+                 + (f", the best of {self.n_runs} runs on {rec.selected_on} {metric}, then {rec.selected_on} loss"
                     if self.n_runs > 1 else "")]
-        val = rec.get("val") or {}
         scores = []
-        if val:
-            scores.append(f"val {metric} {_fmt(val.get(metric))}, loss {_fmt_loss(rec.get('val_loss'))}")
-        if rec.get("test"):
+        if rec.val:
+            scores.append(f"val {metric} {_fmt(rec.val.get(metric))}, loss {_fmt_loss(rec.val_loss)}")
+        if rec.test:
             scores.append(f"{'test' if self.selected_on == SELECTED_ON_VAL else self.selected_on} "
-                          + ", ".join(f"{k} {_fmt(v)}" for k, v in rec["test"].items()))
+                          + ", ".join(f"{k} {_fmt(v)}" for k, v in rec.test.items()))
         if scores:
             lines.append("           " + "; ".join(scores))
         from comp.selection import format_sizes
@@ -544,8 +673,7 @@ class ProtocolResult:
         if self.refit is not None:
             r = self.refit.main_record
             lines.append(f"refit.pt   run {self.best.name} retrained on train+val "
-                         f"({self.refit.records[-1]['splits']['train']['clips']} clips) for {r['best_epoch']} "
-                         "epochs; no held-out score")
+                         f"({r.splits['train']['clips']} clips) for {r.best_epoch} epochs; no held-out score")
         return lines
 
 
@@ -569,11 +697,10 @@ def checkpoint_meta(outcome: RunOutcome, cfg: TrainConfig, data) -> dict:
 def run_summary(outcome: RunOutcome) -> dict:
     """The saved run as metrics.json, the checkpoint and the report name it: run, epoch, stage and scores."""
     rec = outcome.main_record
-    return {"run": outcome.name, "fold": outcome.fold, "seed": outcome.seed, "condition": rec["condition"],
-            "best_epoch": rec["best_epoch"], "stage": outcome.stage, "selected_on": rec["selected_on"],
+    return {"run": outcome.name, "fold": outcome.fold, "seed": outcome.seed, "condition": rec.condition,
+            "best_epoch": rec.best_epoch, "stage": outcome.stage, "selected_on": rec.selected_on,
             "selection_metric": outcome.selection_metric, "selection_score": outcome.selection_score,
-            "val": rec.get("val") or {}, "val_loss": rec.get("val_loss"), "test": rec["test"],
-            "held_out_score": bool(rec.get("val") or rec["test"])}
+            "val": rec.val, "val_loss": rec.val_loss, "test": rec.test, "held_out_score": bool(rec.val or rec.test)}
 
 
 def _to_dict(cfg: TrainConfig) -> dict:
@@ -632,7 +759,7 @@ def train_protocol(data, cfg: TrainConfig, *, progress: Progress | None = None,
     fan_out = parallel is not None and parallel.fan_out and parallel.world_size > 1
     mine = [k for k in range(len(pairs)) if not fan_out or k % parallel.world_size == parallel.rank]
     writes = parallel is None or fan_out or parallel.is_main
-    records_by_run: dict[int, list[dict]] = {}
+    records_by_run: dict[int, list[RunRecord]] = {}
     best: RunOutcome | None = None
     best_index = -1
     guard = deterministic(device) if cfg.deterministic else contextlib.nullcontext()
@@ -657,7 +784,7 @@ def train_protocol(data, cfg: TrainConfig, *, progress: Progress | None = None,
     if fan_out:
         best, records_by_run = _gather_fan_out(parallel, error, best, best_index, records_by_run)
     runs = [r for k in sorted(records_by_run) for r in records_by_run[k]]
-    by_condition = {c: summarize([r["test"] for r in runs if r["condition"] == c]) for c in missing.labels}
+    by_condition = {c: summarize([r.test for r in runs if r.condition == c]) for c in missing.labels}
     return ProtocolResult(runs=runs, summary=by_condition[missing.main_label], summary_by_condition=by_condition,
                           best=best, main_condition=missing.main_label,
                           selected_on=SELECTED_ON_TEST if paper else SELECTED_ON_VAL, splits=splits,
@@ -680,7 +807,7 @@ def _split_report(conversations: Sequence[Any], plans: Sequence[Any], task: str,
 
 
 def _gather_fan_out(parallel: Any, error: Exception | None, best: RunOutcome | None, best_index: int,
-                    records_by_run: dict[int, list[dict]]) -> tuple[RunOutcome | None, dict[int, list[dict]]]:
+                    records_by_run: dict[int, list[RunRecord]]) -> tuple[RunOutcome | None, dict[int, list[RunRecord]]]:
     """Every rank's run records on every rank; on rank 0, the best run over all ranks (else None).
 
     The best is chosen as one process would (comp.selection): ties that survive the validation loss go to the
@@ -689,7 +816,7 @@ def _gather_fan_out(parallel: Any, error: Exception | None, best: RunOutcome | N
     from core.distributed import agree, all_gather, gather_to_main
 
     agree(parallel.job, error)
-    merged: dict[int, list[dict]] = {}
+    merged: dict[int, list[RunRecord]] = {}
     for part in all_gather(parallel.job, records_by_run):
         merged.update(part)
     if best is not None:  # weights travel on the CPU; rank 0 may have another (or no) GPU
@@ -721,7 +848,7 @@ def refit_run(data, cfg: TrainConfig, best: RunOutcome, *, progress: Progress | 
 
     conversations = build_conversations(data)
     plan = next(p for p in plan_folds(data, cfg) if p.name == best.fold)
-    epochs = int(best.main_record["best_epoch"])
+    epochs = int(best.main_record.best_epoch)
     merged = FoldPlan(plan.name, tuple(sorted(set(plan.train) | set(plan.val))), (), ())
     refit_cfg = dataclasses.replace(cfg, epochs=epochs)
     device = parallel.device if parallel is not None else resolve_device(cfg.device)
@@ -732,5 +859,5 @@ def refit_run(data, cfg: TrainConfig, best: RunOutcome, *, progress: Progress | 
                           label_names=list(data.header.label_names), device=device, progress=progress,
                           parallel=parallel)
     for rec in outcome.records:
-        rec["selected_on"] = SELECTED_REFIT
+        rec.selected_on = SELECTED_REFIT
     return outcome

@@ -10,11 +10,12 @@ ComP against the baselines, with a sentence in words wherever a baseline beats i
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import logging
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from comp.metrics import higher_is_better, metric_names, primary_metric, summarize  # noqa: E402
+from comp.results import BaselineResult, EpochRecord, RunRecord, Summary  # noqa: E402
 from comp.selection import SELECTED_ON_TEST, SELECTED_ON_VAL  # noqa: E402
 from core.atomic import write_text  # noqa: E402
 from core.clip import MODALITIES  # noqa: E402
@@ -58,19 +60,19 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_") or "run"
 
 
-def _stage_switch(history: Sequence[Mapping[str, Any]]) -> int | None:
+def _stage_switch(history: Sequence[EpochRecord]) -> int | None:
     """The first epoch of stage 2, if the run reached it."""
-    return next((int(h["epoch"]) for h in history if int(h.get("stage", 1)) == 2), None)
+    return next((h.epoch for h in history if h.stage == 2), None)
 
 
-def _series(runs: Sequence[Mapping[str, Any]], get) -> tuple[np.ndarray, np.ndarray]:
-    """(epochs, nan-mean over runs of get(history entry)) aligned by epoch number."""
+def _series(runs: Sequence[RunRecord], get: Callable[[EpochRecord], float | None]) -> tuple[np.ndarray, np.ndarray]:
+    """(epochs, nan-mean over runs of get(epoch record)) aligned by epoch number."""
     table: dict[int, list[float]] = {}
     for run in runs:
-        for h in run.get("history", []):
+        for h in run.history:
             v = get(h)
             if v is not None:
-                table.setdefault(int(h["epoch"]), []).append(float(v))
+                table.setdefault(h.epoch, []).append(float(v))
     if not table:
         return np.zeros(0), np.zeros(0)
     epochs = np.array(sorted(table))
@@ -79,8 +81,8 @@ def _series(runs: Sequence[Mapping[str, Any]], get) -> tuple[np.ndarray, np.ndar
     return epochs, means
 
 
-def _mark_switch(ax, runs: Sequence[Mapping[str, Any]]) -> None:
-    switches = sorted({s for s in (_stage_switch(r.get("history", [])) for r in runs) if s is not None})
+def _mark_switch(ax, runs: Sequence[RunRecord]) -> None:
+    switches = sorted({s for s in (_stage_switch(r.history) for r in runs) if s is not None})
     for i, s in enumerate(switches):
         ax.axvline(s - 0.5, color="grey", linestyle="--", linewidth=1, label="stage 2 starts" if i == 0 else None)
 
@@ -92,23 +94,22 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _run_label(run: Mapping[str, Any]) -> str:
-    return f"fold {run.get('fold', '?')} / seed {run.get('seed', '?')}"
+def _run_label(run: RunRecord) -> str:
+    return f"fold {run.fold} / seed {run.seed}"
 
 
 # ----------------------------------------------------------------------------------------------- figures
 
-def plot_learning_curves(runs: Sequence[Mapping[str, Any]], metric: str, path: Path) -> Path:
+def plot_learning_curves(runs: Sequence[RunRecord], metric: str, path: Path) -> Path:
     fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
     legend = len(runs) <= 10
     for run in runs:
-        hist = run.get("history", [])
-        ep = [h["epoch"] for h in hist]
-        line, = ax_loss.plot(ep, [h.get("train_loss", np.nan) for h in hist], linewidth=1,
+        ep = [h.epoch for h in run.history]
+        line, = ax_loss.plot(ep, [h.train_loss for h in run.history], linewidth=1,
                              label=_run_label(run) if legend else None)
-        vals = [(h.get("val") or {}).get(metric, np.nan) for h in hist]
+        vals = [h.val.get(metric, np.nan) for h in run.history]
         ax_val.plot(ep, vals, linewidth=1, color=line.get_color())
-        best = run.get("best_epoch")
+        best = run.best_epoch
         if best is not None:
             at = [v for e, v in zip(ep, vals) if e == best]
             if at:
@@ -127,13 +128,13 @@ def plot_learning_curves(runs: Sequence[Mapping[str, Any]], metric: str, path: P
     return _save(fig, path)
 
 
-def plot_modality_heads(runs: Sequence[Mapping[str, Any]], metric: str, path: Path) -> Path:
+def plot_modality_heads(runs: Sequence[RunRecord], metric: str, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
     for m in MODALITIES:
-        ep, mean = _series(runs, lambda h, m=m: ((h.get("val_heads") or {}).get(m) or {}).get(metric))
+        ep, mean = _series(runs, functools.partial(_head_score, modality=m, metric=metric))
         if len(ep):
             ax.plot(ep, mean, label=f"{m} head", color=COLOURS[m])
-    ep, mean = _series(runs, lambda h: (h.get("val") or {}).get(metric))
+    ep, mean = _series(runs, functools.partial(_fused_score, metric=metric))
     if len(ep):
         ax.plot(ep, mean, label="fused (ComP)", color=COLOURS["fused"], linestyle=":")
     _mark_switch(ax, runs)
@@ -145,12 +146,24 @@ def plot_modality_heads(runs: Sequence[Mapping[str, Any]], metric: str, path: Pa
     return _save(fig, path)
 
 
-def plot_coordinator(runs: Sequence[Mapping[str, Any]], path: Path) -> Path | None:
-    if not any(h.get("coordinator") for r in runs for h in r.get("history", [])):
+def _head_score(h: EpochRecord, *, modality: str, metric: str) -> float | None:
+    return h.val_heads.get(modality, {}).get(metric)
+
+
+def _fused_score(h: EpochRecord, *, metric: str) -> float | None:
+    return h.val.get(metric)
+
+
+def _coordinator_weight(h: EpochRecord, *, modality: str) -> float | None:
+    return h.coordinator.get(modality) if h.coordinator else None
+
+
+def plot_coordinator(runs: Sequence[RunRecord], path: Path) -> Path | None:
+    if not any(h.coordinator for r in runs for h in r.history):
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
     for m in MODALITIES:
-        ep, mean = _series(runs, lambda h, m=m: (h.get("coordinator") or {}).get(m))
+        ep, mean = _series(runs, functools.partial(_coordinator_weight, modality=m))
         if len(ep):
             ax.plot(ep, mean, label=m, color=COLOURS[m])
     _mark_switch(ax, runs)
@@ -162,8 +175,8 @@ def plot_coordinator(runs: Sequence[Mapping[str, Any]], path: Path) -> Path | No
     return _save(fig, path)
 
 
-def plot_confusion(runs: Sequence[Mapping[str, Any]], label_names: Sequence[str], path: Path) -> Path | None:
-    mats = [np.asarray(r["confusion"], dtype=np.int64) for r in runs if r.get("confusion")]
+def plot_confusion(runs: Sequence[RunRecord], label_names: Sequence[str], path: Path) -> Path | None:
+    mats = [np.asarray(r.confusion, dtype=np.int64) for r in runs if r.confusion]
     if not mats:
         return None
     total = np.sum(mats, axis=0)
@@ -207,20 +220,19 @@ def _summary_table(summary: Mapping[str, Mapping[str, Any]], primary: str) -> st
     return _table(["metric", "mean ± std", "n"], rows, "summary")
 
 
-def _runs_table(runs: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> str:
+def _runs_table(runs: Sequence[RunRecord], metrics: Sequence[str]) -> str:
     rows = []
     for r in runs:
-        test = r.get("test") or {}
-        rows.append([html.escape(str(r.get("fold", ""))), html.escape(str(r.get("seed", ""))),
-                     html.escape(str(r.get("condition", ""))), html.escape(str(r.get("best_epoch", ""))),
-                     html.escape(str(r.get("selected_on", "")))] + [_fmt(test.get(m)) for m in metrics])
+        rows.append([html.escape(str(r.fold)), html.escape(str(r.seed)), html.escape(r.condition),
+                     html.escape(str(r.best_epoch)), html.escape(r.selected_on)]
+                    + [_fmt(r.test.get(m)) for m in metrics])
     return _table(["fold", "seed", "condition", "best epoch", "selected on"] + list(metrics), rows, "runs")
 
 
-def _heads_table(runs: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> str:
+def _heads_table(runs: Sequence[RunRecord], metrics: Sequence[str]) -> str:
     rows = []
     for m in MODALITIES:
-        s = summarize([(r.get("test_heads") or {}).get(m) or {} for r in runs])
+        s = summarize([r.test_heads.get(m) or {} for r in runs])
         if any(s.get(k, {}).get("n") for k in metrics):
             rows.append([html.escape(m)] + [_mean_std(s.get(k)) for k in metrics])
     if not rows:
@@ -228,23 +240,21 @@ def _heads_table(runs: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> s
     return _table(["head"] + list(metrics), rows, "heads")
 
 
-def compare_baselines(summary: Mapping[str, Mapping[str, Any]], baselines: Mapping[str, Mapping[str, Any]],
-                      primary: str, condition: str | None = None) -> tuple[str, list[str]]:
+def compare_baselines(summary: Summary, baselines: Mapping[str, Summary], primary: str,
+                      condition: str | None = None) -> tuple[str, list[str]]:
     """(HTML table ComP vs baselines, sentences naming each metric where a baseline beats ComP).
 
-    `summary` is ComP's and each baseline's "summary" is compared with it; `condition` (a missingness
-    condition such as random:0.3) is named in the sentences when given."""
-    metrics = [k for k in summary] + [k for b in baselines.values() for k in (b.get("summary") or {})
-                                      if k not in summary]
+    `summary` is ComP's and each baseline's summary ({name: summary}) is compared with it; `condition` (a
+    missingness condition such as random:0.3) is named in the sentences when given."""
+    metrics = [k for k in summary] + [k for b in baselines.values() for k in b if k not in summary]
     metrics = list(dict.fromkeys(metrics))
     rows = [[html.escape(k)] + [_mean_std(summary.get(k))] +
-            [_mean_std((b.get("summary") or {}).get(k)) for b in baselines.values()] for k in metrics]
+            [_mean_std(b.get(k)) for b in baselines.values()] for k in metrics]
     table = _table(["metric", "ComP"] + list(baselines), rows, "baselines")
     scope = ("Pooled over the conditions" if condition == "pooled" else f"Under {condition}") if condition else ""
     where = f"{scope}, the" if scope else "The"
     sentences = []
-    for name, b in baselines.items():
-        theirs = b.get("summary") or {}
+    for name, theirs in baselines.items():
         wins = []
         for k in metrics:
             ours, other = (summary.get(k) or {}).get("mean"), (theirs.get(k) or {}).get("mean")
@@ -265,10 +275,9 @@ def compare_baselines(summary: Mapping[str, Mapping[str, Any]], baselines: Mappi
     return table, sentences
 
 
-def _best_baseline(summary: Mapping[str, Mapping[str, Any]], baselines: Mapping[str, Mapping[str, Any]],
-                   primary: str) -> str | None:
+def _best_baseline(summary: Summary, baselines: Mapping[str, Summary], primary: str) -> str | None:
     """One sentence: the strongest baseline on the selection metric and ComP's margin over it."""
-    scored = [(name, ((b.get("summary") or {}).get(primary) or {}).get("mean")) for name, b in baselines.items()]
+    scored = [(name, (b.get(primary) or {}).get("mean")) for name, b in baselines.items()]
     scored = [(n, v) for n, v in scored if v is not None and math.isfinite(v)]
     ours = (summary.get(primary) or {}).get("mean")
     if not scored or ours is None or not math.isfinite(ours):
@@ -281,40 +290,35 @@ def _best_baseline(summary: Mapping[str, Mapping[str, Any]], baselines: Mapping[
             f"({verdict} {_fmt(abs(margin))}).")
 
 
-def _baseline_summaries(baselines: Mapping[str, Mapping[str, Any]], condition: str,
-                        main_condition: str) -> dict[str, dict[str, Any]]:
+def _baseline_summaries(baselines: Mapping[str, BaselineResult], condition: str,
+                        main_condition: str) -> dict[str, Summary]:
     """Each baseline's summary under `condition`: its summary_by_condition, else its runs of that condition,
     else (main condition only) its overall summary."""
     out = {}
     for name, b in baselines.items():
-        by_cond = b.get("summary_by_condition") or {}
-        if condition in by_cond:
-            summ = by_cond[condition]
-        elif any(str(r.get("condition")) == condition for r in b.get("runs") or []):
-            summ = summarize([r.get("test") or {} for r in b["runs"] if str(r.get("condition")) == condition])
+        if condition in b.summary_by_condition:
+            out[name] = b.summary_by_condition[condition]
+        elif any(r.condition == condition for r in b.runs):
+            out[name] = summarize([r.test for r in b.runs if r.condition == condition])
         elif condition == main_condition:
-            summ = b.get("summary") or {}
-        else:
-            continue
-        out[name] = {"summary": summ}
+            out[name] = b.summary
     return out
 
 
-def _baselines_section(runs: Sequence[Mapping[str, Any]], summary: Mapping[str, Any],
-                       baselines: Mapping[str, Mapping[str, Any]], primary: str) -> str:
+def _baselines_section(runs: Sequence[RunRecord], summary: Summary, baselines: Mapping[str, BaselineResult],
+                       primary: str) -> str:
     """ComP and every baseline side by side, one table per missingness condition (the main one first)."""
-    conditions = list(dict.fromkeys(str(r.get("condition", "")) for r in runs))
+    conditions = list(dict.fromkeys(r.condition for r in runs))
     main = conditions[-1] if conditions else ""
     parts = ["<h2>ComP vs baselines</h2><p>Test scores, mean ± std over the same folds, seeds and test masks. "
              "Baselines are linear models (scikit-learn) with the regularisation chosen on the same "
              "validation data as ComP:</p><ul>"]
     for name, b in baselines.items():
-        desc = b.get("description")
+        desc = b.description
         parts.append(f"<li><b>{html.escape(name)}</b>{': ' + html.escape(str(desc)) if desc else ''}</li>")
     parts.append("</ul>")
     for cond in [main] + [c for c in conditions if c != main]:
-        ours = summary if cond == main else summarize([r.get("test") or {} for r in runs
-                                                       if str(r.get("condition", "")) == cond])
+        ours = summary if cond == main else summarize([r.test for r in runs if r.condition == cond])
         theirs = _baseline_summaries(baselines, cond, main)
         if not theirs:
             continue
@@ -374,22 +378,19 @@ def _saved_section(saved: Mapping[str, Any]) -> str:
     return "".join(parts)
 
 
-def _paper_protocol(runs: Sequence[Mapping[str, Any]]) -> bool:
+def _paper_protocol(runs: Sequence[RunRecord]) -> bool:
     """Whether the runs selected on the test set (faithful's released protocol)."""
-    return any(r.get("selected_on") == SELECTED_ON_TEST for r in runs)
+    return any(r.selected_on == SELECTED_ON_TEST for r in runs)
 
 
-def write_report(out_dir: Path, runs: list[dict], summary: dict, baselines: dict | None = None, *,
+def write_report(out_dir: Path, runs: Sequence[RunRecord], summary: Summary,
+                 baselines: Mapping[str, BaselineResult] | None = None, *,
                  saved: Mapping[str, Any] | None = None) -> Path:
     """Write the figures and `report.html` into `out_dir`; returns the HTML path.
 
-    run = {"fold", "seed", "condition", "best_epoch", "selected_on", "history": [{"epoch", "stage",
-    "train_loss", "val": {metric: v}, "val_heads": {modality: {metric: v}}, "coordinator": {modality: w} |
-    None}], "test": {metric: v}, "test_heads": {modality: {metric: v}}, "confusion": [[int]] | None,
-    "label_names": [str], "task"}; summary = {metric: {"mean", "std", "n"}};
-    baselines = {name: {"summary": {metric: {"mean", "std", "n"}} (main condition), optional "description",
-    "summary_by_condition": {condition: summary} and "runs": [{"condition", "test", ...}]}} (comp.baselines);
-    ComP and the baselines are shown side by side per condition. saved = {"best": comp.train.run_summary of the
+    `runs` are every run's records (comp.results.RunRecord), `summary` ComP's test summary on the main
+    condition, `baselines` the baselines' results on the same runs (comp.baselines), shown side by side
+    with ComP per condition. saved = {"best": comp.train.run_summary of the
     run in best.pt, "n_runs", "splits": {fold: {split: comp.selection.split_sizes}}, "warnings": [str],
     "refit": the refit.pt summary or None} names the saved model.
     """
@@ -397,12 +398,12 @@ def write_report(out_dir: Path, runs: list[dict], summary: dict, baselines: dict
     out_dir.mkdir(parents=True, exist_ok=True)
     if not runs:
         raise ValueError("write_report needs at least one run record")
-    task = runs[0].get("task", "classification")
+    task = runs[0].task
     paper = _paper_protocol(runs)
     primary = primary_metric(task, "faithful" if paper else "clean")
     head_metric = "acc" if task == "classification" else "acc2_non0"
-    label_names = runs[0].get("label_names") or []
-    metrics = [m for m in metric_names(task) if any(m in (r.get("test") or {}) for r in runs)] or \
+    label_names = runs[0].label_names
+    metrics = [m for m in metric_names(task) if any(m in r.test for r in runs)] or \
         list(metric_names(task))
 
     parts = [f"<h1>ComP training report</h1><p>Task: {html.escape(task)}; {len(runs)} run(s); "
@@ -418,13 +419,13 @@ def write_report(out_dir: Path, runs: list[dict], summary: dict, baselines: dict
     if baselines:
         parts.append(_baselines_section(runs, summary, baselines, primary))
 
-    conditions = list(dict.fromkeys(str(r.get("condition", "")) for r in runs))
+    conditions = list(dict.fromkeys(r.condition for r in runs))
     for cond in conditions:
-        group = [r for r in runs if str(r.get("condition", "")) == cond]
+        group = [r for r in runs if r.condition == cond]
         suffix = "" if len(conditions) == 1 else "_" + _slug(cond)
         parts.append(f"<h2>Condition: {html.escape(cond)}</h2>")
         if len(conditions) > 1:
-            parts.append(_summary_table(summarize([r.get("test") or {} for r in group]), primary))
+            parts.append(_summary_table(summarize([r.test for r in group]), primary))
         figures = [(plot_learning_curves(group, primary, out_dir / f"learning_curves{suffix}.png"),
                     "learning curves"),
                    (plot_modality_heads(group, head_metric, out_dir / f"modality_heads{suffix}.png"),

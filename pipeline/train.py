@@ -74,7 +74,7 @@ def run_training(store: str | Path, cfg: TrainConfig, out_dir: str | Path, *,
     if result.best is not None:
         save_checkpoint(out / "best.pt", result.best.state_dict, checkpoint_meta(result.best, cfg, data))
     if result.refit is not None:
-        refit_cfg = dataclasses.replace(cfg, epochs=result.refit.main_record["best_epoch"])
+        refit_cfg = dataclasses.replace(cfg, epochs=result.refit.main_record.best_epoch)
         meta = checkpoint_meta(result.refit, refit_cfg, data)
         meta["metrics"]["refit_of"] = result.best.name
         refit = meta["metrics"]
@@ -88,7 +88,9 @@ def run_training(store: str | Path, cfg: TrainConfig, out_dir: str | Path, *,
         "selection_metric": result.best.selection_metric if result.best else None,
         "best_run": best, "refit": refit, "splits": result.splits, "warnings": result.warnings,
         "summary": result.summary, "summary_by_condition": result.summary_by_condition,
-        "runs": result.runs, "baselines": result.baselines,
+        "runs": [r.to_dict() for r in result.runs],
+        "baselines": ({k: b.to_dict() for k, b in result.baselines.items()} if result.baselines is not None
+                      else None),
     }
     _write_json(out / "metrics.json", metrics)
     saved = {"best": best, "n_runs": result.n_runs, "splits": result.splits, "warnings": result.warnings,

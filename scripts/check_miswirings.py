@@ -48,7 +48,7 @@ MISWIRINGS = (
               "priv = priv[:1].expand(N_MOD, -1, -1)", "priv = priv[1:2].expand(N_MOD, -1, -1)",
               ("tests/test_golden.py",)),
     Miswiring("the gradient modulator's call removed from the training loop", "comp/train.py",
-              "                modulator.apply(out, batch)\n", "                pass\n",
+              "        fitter.modulator.apply(out, batch)\n", "        pass\n",
               ("tests/test_train.py::test_gradient_modulator_acts_in_the_training_loop",)),
     Miswiring("faithful's fuse-absent-modalities default flipped", "comp/config.py",
               "fuse_absent=True, unused_params=True", "fuse_absent=False, unused_params=True",

@@ -32,9 +32,9 @@ def test_context_baseline_beats_context_free_when_the_conversation_matters(tmp_p
     store = make_synthetic_store(tmp_path / "conv.h5", n_conversations=120, utterances=(6, 12),
                                  conversation_offset=2.0, folds=3, seed=1)
     result = run_baselines(data=read_store(store), cfg=TrainConfig(missing="random:0.3"))
-    context = result["linear+mask+context"]["summary"]["wf1"]["mean"]
-    assert context > result["linear+mask"]["summary"]["wf1"]["mean"] + 0.03
-    assert context > result["linear"]["summary"]["wf1"]["mean"] + 0.03
+    context = result["linear+mask+context"].summary["wf1"]["mean"]
+    assert context > result["linear+mask"].summary["wf1"]["mean"] + 0.03
+    assert context > result["linear"].summary["wf1"]["mean"] + 0.03
 
 
 def test_baselines_score_the_loops_masked_test_sets(small, monkeypatch):
@@ -72,16 +72,16 @@ def test_runs_follow_the_loops_plans_seeds_and_conditions(small):
     result = run_baselines(data=small, cfg=cfg)
     assert list(result) == NAMES
     for b in result.values():
-        assert [(r["seed"], r["condition"]) for r in b["runs"]] == \
+        assert [(r.seed, r.condition) for r in b.runs] == \
             [(s, c) for s in (66, 67) for c in ("fixed:a", "fixed:at", "pooled")]
-        assert b["summary"] == b["summary_by_condition"]["pooled"]
-        assert {r["selected_on"] for r in b["runs"]} == {"val"}
+        assert b.summary == b.summary_by_condition["pooled"]
+        assert {r.selected_on for r in b.runs} == {"val"}
 
 
 def test_a_modality_absent_everywhere_leaves_only_the_intercept(small):
     """Under fixed:a the text-only baseline sees zero vectors and predicts one class (UA = 1 / #classes)."""
     result = run_baselines(data=small, cfg=TrainConfig(missing="fixed:a"))
-    test = result["text"]["runs"][0]["test"]
+    test = result["text"].runs[0].test
     labels = small.label[np.isin(small.conversation, _test_conversations(small))]
     assert test["ua"] == pytest.approx(1.0 / len(set(labels.tolist())))
 
@@ -96,7 +96,7 @@ def test_faithful_variant_selects_on_the_paper_plan(small):
     """Under the faithful variant the regularisation is chosen on the plan's val = test set, and says so."""
     cfg = TrainConfig(model=ModelConfig(variant="faithful"))
     result = run_baselines(data=small, cfg=cfg)
-    assert {r["selected_on"] for b in result.values() for r in b["runs"]} == {"test (paper protocol)"}
+    assert {r.selected_on for b in result.values() for r in b.runs} == {"test (paper protocol)"}
 
 
 def test_regression_store_gets_regression_metrics(tmp_path):
@@ -104,8 +104,8 @@ def test_regression_store_gets_regression_metrics(tmp_path):
     store = make_synthetic_store(tmp_path / "reg.h5", task="regression", n_conversations=20, utterances=(3, 8),
                                  seed=2)
     result = run_baselines(data=read_store(store), cfg=TrainConfig())
-    assert set(result["linear"]["summary"]) == set(REGRESSION_METRICS)
-    assert result["linear"]["summary"]["corr"]["mean"] > 0.5
+    assert set(result["linear"].summary) == set(REGRESSION_METRICS)
+    assert result["linear"].summary["corr"]["mean"] > 0.5
 
 
 def test_context_is_the_mean_over_present_utterances_after_masking():
@@ -163,8 +163,8 @@ def test_comp_clean_matches_the_context_baseline_when_trained_long_enough(tmp_pa
     cfg = TrainConfig(model=model, epochs=100, stage_epochs=30, batch_size=8, lr=1e-3, weight_decay=1e-4,
                       device="cpu", baselines=False, save_run_checkpoints=False)
     baselines = run_baselines(data=data, cfg=cfg)
-    context = baselines["linear+mask+context"]["summary"]["wf1"]["mean"]
-    context_free = baselines["linear+mask"]["summary"]["wf1"]["mean"]
+    context = baselines["linear+mask+context"].summary["wf1"]["mean"]
+    context_free = baselines["linear+mask"].summary["wf1"]["mean"]
     comp = train_protocol(data, cfg).summary["wf1"]["mean"]
     assert context > context_free + 0.03  # the conversation carries label information here
     assert comp >= context - 0.03, (comp, context)
@@ -176,9 +176,9 @@ def test_runs_carry_the_confusion_their_scores_come_from(small):
     result = run_baselines(data=small, cfg=TrainConfig(missing="fixed:a,at"))
     n_test = int(np.isin(small.conversation, _test_conversations(small)).sum())
     for b in result.values():
-        for r in b["runs"]:
-            cm = np.asarray(r["confusion"])
-            assert cm.sum() == (2 * n_test if r["condition"] == "pooled" else n_test)
-            assert np.trace(cm) / cm.sum() == pytest.approx(r["test"]["acc"])
+        for r in b.runs:
+            cm = np.asarray(r.confusion)
+            assert cm.sum() == (2 * n_test if r.condition == "pooled" else n_test)
+            assert np.trace(cm) / cm.sum() == pytest.approx(r.test["acc"])
             rows = cm.sum(axis=1) > 0
-            assert np.mean(np.diag(cm)[rows] / cm.sum(axis=1)[rows]) == pytest.approx(r["test"]["ua"])
+            assert np.mean(np.diag(cm)[rows] / cm.sum(axis=1)[rows]) == pytest.approx(r.test["ua"])

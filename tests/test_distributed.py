@@ -205,11 +205,11 @@ def _ddp_worker(store: str, out_dir: str) -> None:
         # 1. a stage-1 step: DDP's averaged gradient equals one process's gradient on the whole batch
         torch.manual_seed(0)
         single = ComP(cfg, dims, 4, "classification")
-        loss, _ = _loss(single(full.batch, 1), full.batch, _Cfg(cfg), "classification", 1)
+        loss, _ = _loss(single(full.batch, 1), full.batch, 1, cfg=_Cfg(cfg), task="classification")
         loss.backward()
         torch.manual_seed(0)
         model = ComP(cfg, dims, 4, "classification")
-        step = parallel.training_step(model, lambda o, b, s: _loss(o, b, _Cfg(cfg), "classification", s))
+        step = parallel.training_step(model, lambda o, b, s: _loss(o, b, s, cfg=_Cfg(cfg), task="classification"))
         step.train()
         loss, _, _ = step(mine.batch, 1)
         loss.backward()

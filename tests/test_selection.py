@@ -16,6 +16,7 @@ import torch
 
 import comp.train as train_mod
 from comp.config import ModelConfig, TrainConfig
+from comp.results import RunRecord
 from comp.selection import Candidate, better_epoch, better_run, fused_loss, split_sizes, split_warnings
 from comp.train import RunOutcome, TrainingError, train_protocol
 from pipeline.store import read_store
@@ -124,12 +125,12 @@ def _same(a, b) -> bool:
 def test_validation_ties_across_epochs_go_to_lower_loss_then_later(data, monkeypatch):
     seen = _script(monkeypatch, [0.2, 0.2, 0.2, 0.8, 1.0, 1.0], [1, 1, 1, 0.2, 0.3, 0.6])
     out = _fit(data, _cfg())
-    assert out.main_record["best_epoch"] == 5  # wf1 1.0 at epochs 5 and 6: epoch 5 has the lower loss
+    assert out.main_record.best_epoch == 5  # wf1 1.0 at epochs 5 and 6: epoch 5 has the lower loss
     assert _same(out.state_dict, seen["states"][4])
 
     seen = _script(monkeypatch, [0.2, 0.2, 0.2, 1.0, 1.0, 1.0], [1, 1, 1, 0.4, 0.3, 0.3])
     out = _fit(data, _cfg())
-    assert out.main_record["best_epoch"] == 6  # epochs 5 and 6 tie on wf1 and loss: the later one
+    assert out.main_record.best_epoch == 6  # epochs 5 and 6 tie on wf1 and loss: the later one
     assert out.selection_loss == pytest.approx(0.3) and out.stage == 2
     assert _same(out.state_dict, seen["states"][5])
 
@@ -138,13 +139,13 @@ def test_ties_across_the_stage_switch_never_pick_a_stage1_epoch(data, monkeypatc
     # stage 1 (epochs 1-3) ties stage 2 on wf1 with a far lower loss: still a stage-2 epoch
     seen = _script(monkeypatch, [1.0, 1.0, 1.0, 1.0, 1.0, 1.0], [0.01, 0.01, 0.01, 0.9, 0.5, 0.7])
     out = _fit(data, _cfg())
-    assert out.main_record["best_epoch"] == 5 and out.main_record["selected_stage"] == 2
+    assert out.main_record.best_epoch == 5 and out.main_record.selected_stage == 2
     assert _same(out.state_dict, seen["states"][4])
     # stage 1 even scores better: still never chosen, and the test set is scored at stage 2
     _script(monkeypatch, [1.0, 1.0, 1.0, 0.4, 0.6, 0.5], [0.1, 0.1, 0.1, 0.5, 0.5, 0.5])
     out = _fit(data, _cfg())
-    assert out.main_record["best_epoch"] == 5 and out.stage == 2
-    assert [h["selectable"] for h in out.main_record["history"]] == [False] * 3 + [True] * 3
+    assert out.main_record.best_epoch == 5 and out.stage == 2
+    assert [h.selectable for h in out.main_record.history] == [False] * 3 + [True] * 3
 
 
 def test_faithful_keeps_the_released_rule(data, monkeypatch):
@@ -152,7 +153,7 @@ def test_faithful_keeps_the_released_rule(data, monkeypatch):
     _script(monkeypatch, [0.5, 1.0, 1.0, 1.0, 0.7, 1.0], [1, 1, 0.1, 0.1, 0.1, 0.1])
     faithful = ModelConfig(**{**TINY.__dict__, "variant": "faithful"})
     out = _fit(data, _cfg(model=faithful))
-    assert out.main_record["best_epoch"] == 2 and out.stage == 1
+    assert out.main_record.best_epoch == 2 and out.stage == 1
 
 
 def test_clean_needs_a_stage2_epoch(data):
@@ -166,8 +167,10 @@ def _fake_runs(monkeypatch, table):
     """fit_run replaced: run (fold, seed) gets the validation (score, loss) of `table`."""
     def fake(conversations, plan, cfg, seed, **kw):
         score, loss = table[(plan.name, seed)]
-        rec = {"fold": plan.name, "seed": seed, "condition": "natural", "best_epoch": 4, "test": {"wf1": 0.5},
-               "val": {"wf1": score}, "val_loss": loss, "history": [{}] * 6, "selected_on": "val"}
+        rec = RunRecord(fold=plan.name, seed=seed, run=f"fold{plan.name}-seed{seed}", condition="natural",
+                        best_epoch=4, selected_stage=2, selected_on="val", selection_metric="wf1",
+                        val={"wf1": score}, val_loss=loss, history=[], test={"wf1": 0.5}, test_heads={},
+                        confusion=None, splits={}, label_names=[], task="classification", variant="clean")
         return RunOutcome(fold=plan.name, seed=seed, records=[rec], selection_metric="wf1", selection_score=score,
                           state_dict={"w": torch.tensor([float(seed)])}, normalizer=None, input_dims={},
                           n_outputs=4, selection_loss=loss)
@@ -244,7 +247,7 @@ def test_refit_retrains_on_train_and_val_for_the_selected_epochs(store, tmp_path
     plan = plan_folds(read_store(store), cfg)[0]
     refit_plan, epochs, seed = fits[-1]
     assert set(refit_plan.train) == set(plan.train) | set(plan.val) and not refit_plan.val and not refit_plan.test
-    assert epochs == result.best.main_record["best_epoch"] and seed == result.best.seed
+    assert epochs == result.best.main_record.best_epoch and seed == result.best.seed
     _, meta = load_checkpoint(tmp_path / "o" / "refit.pt")
     m = meta["metrics"]
     assert m["refit_of"] == result.best.name and m["held_out_score"] is False and not m["val"] and not m["test"]

@@ -39,10 +39,10 @@ def data(store):
 def test_stage_switch_happens_at_stage_epochs(data):
     """History epochs before stage_epochs are stage 1, the rest stage 2, with coordinator weights only in 2."""
     result = train_protocol(data, _cfg(epochs=5, stage_epochs=2))
-    history = result.runs[0]["history"]
-    assert [h["stage"] for h in history] == [1, 1, 2, 2, 2]
-    assert [h["coordinator"] is None for h in history] == [True, True, False, False, False]
-    assert math.isclose(sum(history[-1]["coordinator"].values()), 1.0, rel_tol=1e-4)
+    history = result.runs[0].history
+    assert [h.stage for h in history] == [1, 1, 2, 2, 2]
+    assert [h.coordinator is None for h in history] == [True, True, False, False, False]
+    assert math.isclose(sum(history[-1].coordinator.values()), 1.0, rel_tol=1e-4)
 
 
 def test_clean_selection_never_sees_test_before_the_end(data, monkeypatch):
@@ -63,7 +63,7 @@ def test_clean_selection_never_sees_test_before_the_end(data, monkeypatch):
     assert len(calls) == 4 + 1
     assert all(c <= set(plan.val) for c in calls[:-1])
     assert calls[-1] == set(plan.test)
-    assert result.runs[0]["selected_on"] == "val"
+    assert result.runs[0].selected_on == "val"
 
 
 def test_selected_epoch_is_best_on_validation(data):
@@ -71,11 +71,11 @@ def test_selected_epoch_is_best_on_validation(data):
     the latest; its validation scores are recorded beside the test scores."""
     result = train_protocol(data, _cfg(epochs=5, stage_epochs=2))
     run = result.runs[0]
-    metric = run["selection_metric"]
-    keys = [(h["val"][metric], -h["val_loss"], h["epoch"]) for h in run["history"] if h["stage"] == 2]
-    assert run["best_epoch"] == max(keys)[2]
-    assert [h["selectable"] for h in run["history"]] == [False, False, True, True, True]
-    assert run["val"] == run["history"][run["best_epoch"] - 1]["val"] and run["selected_stage"] == 2
+    metric = run.selection_metric
+    keys = [(h.val[metric], -h.val_loss, h.epoch) for h in run.history if h.stage == 2]
+    assert run.best_epoch == max(keys)[2]
+    assert [h.selectable for h in run.history] == [False, False, True, True, True]
+    assert run.val == run.history[run.best_epoch - 1].val and run.selected_stage == 2
 
 
 def test_faithful_selects_on_test_and_says_so(data):
@@ -83,16 +83,16 @@ def test_faithful_selects_on_test_and_says_so(data):
     cfg = _cfg(model=ModelConfig(**{**TINY.__dict__, "variant": "faithful"}), epochs=4, stage_epochs=2)
     result = train_protocol(data, cfg)
     run = result.runs[0]
-    assert run["selected_on"] == SELECTED_ON_TEST == result.selected_on
-    scores = [h["val"][run["selection_metric"]] for h in run["history"]]
-    assert run["best_epoch"] == int(np.nanargmax(scores)) + 1
-    assert run["test"] == run["history"][run["best_epoch"] - 1]["val"]
+    assert run.selected_on == SELECTED_ON_TEST == result.selected_on
+    scores = [h.val[run.selection_metric] for h in run.history]
+    assert run.best_epoch == int(np.nanargmax(scores)) + 1
+    assert run.test == run.history[run.best_epoch - 1].val
 
 
 def test_fixed_conditions_give_one_record_each_and_a_pool(data):
     """fixed:a,at gives a record per condition plus a pooled one, each with its own summary."""
     result = train_protocol(data, _cfg(epochs=2, stage_epochs=1, missing="fixed:a,at"))
-    assert [r["condition"] for r in result.runs] == ["fixed:a", "fixed:at", "pooled"]
+    assert [r.condition for r in result.runs] == ["fixed:a", "fixed:at", "pooled"]
     assert set(result.summary_by_condition) == {"fixed:a", "fixed:at", "pooled"}
     assert result.main_condition == "pooled"
 
@@ -149,9 +149,9 @@ def test_best_checkpoint_reproduces_test_predictions(store, tmp_path):
     plan = plan_folds(data, cfg)[0]
     norm = Normalizer.from_dict(meta["normalizer"])
     test = norm.apply(select(build_conversations(data), plan.test))
-    res = evaluate(model, iterate_batches(test, 8, shuffle=False), stage=2 if result.runs[0]["best_epoch"] > 1 else 1,
+    res = evaluate(model, iterate_batches(test, 8, shuffle=False), stage=2 if result.runs[0].best_epoch > 1 else 1,
                    task=meta["task"], label_names=meta["label_names"], device="cpu", autocast=contextlib.nullcontext)
-    assert res.metrics == pytest.approx(result.runs[0]["test"])
+    assert res.metrics == pytest.approx(result.runs[0].test)
     assert meta["source"] == data.header.source and meta["input_dims"] == {"audio": 16, "text": 24, "visual": 12}
 
 
@@ -164,13 +164,13 @@ def test_comp_learns_and_fusion_beats_each_modality(tmp_path):
                       epochs=20, stage_epochs=10, batch_size=8, lr=3e-3, weight_decay=0.0, baselines=False,
                       val_fraction=0.2, test_fraction=0.25, seed=66)
     run = train_protocol(read_store(path), cfg).runs[0]
-    fused = run["test"]["acc"]
+    fused = run.test["acc"]
     assert fused > 0.25 + 0.4  # chance is 0.25 (4 balanced classes)
     # one modality alone can at best tell a class from its partner: a 0.5 ceiling; stage 1 heads are uni-modal
-    stage1_best = max(h["val_heads"][m]["acc"] for h in run["history"] if h["stage"] == 1 for m in h["val_heads"])
+    stage1_best = max(h.val_heads[m]["acc"] for h in run.history if h.stage == 1 for m in h.val_heads)
     assert fused > stage1_best + 0.2
     # stage-2 heads are not uni-modal (the prompts carry the other modalities), so no margin over them
-    for m, head in run["test_heads"].items():
+    for m, head in run.test_heads.items():
         assert fused > head["acc"], m
 
 
@@ -230,11 +230,11 @@ def test_gradient_modulator_acts_in_the_training_loop(data):
 
     def history(on: bool):
         model = ModelConfig(**{**TINY.__dict__, "quirks": Quirks(gradient_modulator=on)})
-        return train_protocol(data, _cfg(model=model, epochs=3, stage_epochs=1)).runs[0]["history"]
+        return train_protocol(data, _cfg(model=model, epochs=3, stage_epochs=1)).runs[0].history
 
     on, off = history(True), history(False)
-    assert on[0]["train_loss"] == off[0]["train_loss"] and on[0]["val"] == off[0]["val"]
-    assert on[-1]["train_loss"] != off[-1]["train_loss"]
+    assert on[0].train_loss == off[0].train_loss and on[0].val == off[0].val
+    assert on[-1].train_loss != off[-1].train_loss
 
 
 def test_normalizer_is_fitted_on_training_conversations_only(data):
@@ -288,7 +288,7 @@ def test_progress_counts_every_batch_of_every_epoch(data):
     result = train_protocol(data, _cfg(epochs=3, stage_epochs=1), progress=lambda *a: calls.append(a))
     tasks = list(dict.fromkeys(c[0] for c in calls))
     assert len(tasks) == 3 * result.n_runs
-    assert tasks[:3] == [f"fold {result.runs[0]['fold']} seed {result.runs[0]['seed']} epoch {e}/3 (stage {s})"
+    assert tasks[:3] == [f"fold {result.runs[0].fold} seed {result.runs[0].seed} epoch {e}/3 (stage {s})"
                          for e, s in ((1, 1), (2, 2), (3, 2))]
     for task in tasks:
         counts = [c for c in calls if c[0] == task]
