@@ -1,5 +1,7 @@
 """Strict dataclass configs: build from dicts/YAML, reject unknown keys, apply `a.b=value` overrides.
 
+Values are validated and converted by pydantic (v2, lax mode) against each field's annotation.
+
 Every config in the project is a dataclass; this module is the one place that turns plain data into them,
 so that a typo in a YAML file is an error that names the key instead of a silently ignored setting.
 """
@@ -7,6 +9,7 @@ so that a typo in a YAML file is an error that names the key instead of a silent
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -14,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from core.atomic import write_text
 from core.errors import ConfigError
@@ -21,92 +25,54 @@ from core.errors import ConfigError
 T = TypeVar("T")
 
 
+# Field values are converted by pydantic (lax mode: "3" -> 3, 3.0 -> 3, "yes" -> True, [..] -> tuple, a
+# number where a string is expected -> its text); this module walks the dataclasses itself so that an unknown
+# key is an error naming it and the keys allowed, at any depth.
+_FIELD_CONFIG = ConfigDict(coerce_numbers_to_str=True, arbitrary_types_allowed=True)
+
+
+@functools.cache
+def _adapter(tp: Any) -> TypeAdapter:
+    return TypeAdapter(tp, config=_FIELD_CONFIG)
+
+
 def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
-def _coerce(tp: Any, value: Any, where: str) -> Any:
-    """Convert `value` to the annotated type `tp`, or raise ConfigError naming `where`."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(arg, value, where)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(f"{where}: {value!r} matches none of {tp}: {'; '.join(errors)}")
-    if origin is typing.Literal:
-        if value not in args:
-            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
-        return value
+def _nested_dataclass(tp: Any) -> type | None:
+    """The dataclass of a field typed `SomeConfig` or `SomeConfig | None`, else None."""
     if _is_dataclass_type(tp):
-        if isinstance(value, tp):
-            return value
+        return tp
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1 and _is_dataclass_type(args[0]):
+        return args[0]
+    return None
+
+
+def _accepts_bool(tp: Any) -> bool:
+    return tp is bool or tp is Any or any(_accepts_bool(a) for a in typing.get_args(tp))
+
+
+def _field_value(tp: Any, value: Any, where: str) -> Any:
+    """`value` converted to the annotated type `tp`, or a ConfigError naming `where`."""
+    nested = _nested_dataclass(tp)
+    if nested is not None and not (value is None or isinstance(value, nested)):
         if not isinstance(value, Mapping):
-            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
-        return from_dict(tp, value, where)
-    if origin in (list, tuple, Sequence, typing.Sequence) or tp in (list, tuple):
-        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
-        if origin is tuple and args:
-            if len(args) != len(value):
-                raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
-            return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
-        item = args[0] if args else Any
-        items = [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if (origin is tuple or tp is tuple) else items
-    if origin in (dict, Mapping) or tp is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        kt, vt = args if args else (Any, Any)
-        return {_coerce(kt, k, where): _coerce(vt, v, f"{where}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
-            return value.lower() in ("true", "yes", "1", "on")
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
-    return value
+            raise ConfigError(f"{where}: expected a mapping for {nested.__name__}, got {value!r}")
+        return from_dict(nested, value, where)
+    if isinstance(value, bool) and not _accepts_bool(tp):  # pydantic's lax mode reads true as 1
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    try:
+        return _adapter(tp).validate_python(value)
+    except ValidationError as err:
+        first = err.errors()[0]
+        inner = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"])
+        raise ConfigError(f"{where}{inner}: {first['msg']} (got {value!r})") from None
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp)
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
@@ -123,7 +89,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
         )
     kwargs = {}
     for name, value in data.items():
-        kwargs[name] = _coerce(hints[name], value, f"{where}.{name}" if where else name)
+        kwargs[name] = _field_value(hints[name], value, f"{where}.{name}" if where else name)
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as err:
