@@ -1,4 +1,5 @@
-# The two commands of the README. Both set the machine up first (idempotent).
+# The two commands of the README. Both set the machine up first (idempotent). `make test` lints (ruff, its rules
+# in pyproject.toml) before it runs the tests.
 # `make mutation` and `make miswirings` check the tests themselves; they are not part of `make test`.
 .PHONY: setup demo test mutation miswirings
 setup:
@@ -8,6 +9,7 @@ demo: setup
 	.venv/bin/python examples/demo.py
 
 test: setup
+	.venv/bin/ruff check .
 	.venv/bin/python -m pytest -q
 
 # Mutation testing (mutmut, [tool.mutmut] in pyproject.toml): every mutant of comp/{model,prompts,losses,

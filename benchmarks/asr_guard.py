@@ -2,7 +2,7 @@
 
     python benchmarks/asr_guard.py [--ravdess /path/to/RavdessDataSet] [--threads 1]
 
-Non-speech: every kind of `pipeline.media.noise_variant` (white/pink/brown noise, 50/60 Hz hum, a fan, room
+Non-speech: every kind of `demo.media.noise_variant` (white/pink/brown noise, 50/60 Hz hum, a fan, room
 tone, keyboard typing, rain, clicks over hum, piano-like chords, a melody, drums) at -55, -35 and -15 dBFS,
 two seeds each. Speech controls: espeak-ng sentences at -20 and -64 dBFS and mixed with pink noise at 10 and
 0 dB SNR, and, with --ravdess, RAVDESS's 16 quietest recordings (soft calm/sad speech at -60 to -64 dBFS).
@@ -31,10 +31,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from core.clip import SAMPLE_RATE, ClipInput
+    from demo.media import NOISE_KINDS, noise_variant, speak
     from extractors import vad
     from extractors.asr import WhisperASR
     from pipeline.decode import decode_audio
-    from pipeline.media import NOISE_KINDS, noise_variant, speak
 
     def level(x: np.ndarray, db: float) -> np.ndarray:
         return (x / np.sqrt(np.mean(x.astype(np.float64) ** 2)) * 10 ** (db / 20)).astype(np.float32)

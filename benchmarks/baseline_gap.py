@@ -131,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from comp.baselines import run_baselines
     from comp.train import train_protocol
+    from demo.synthetic import make_synthetic_store
     from pipeline.store import read_store
-    from pipeline.synthetic import make_synthetic_store
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -69,7 +69,7 @@ def bench_extraction(args: argparse.Namespace, tmp: Path) -> list[tuple[str, flo
 
 
 def bench_training(args: argparse.Namespace, tmp: Path) -> list[tuple[str, float, float, float]]:
-    from pipeline.synthetic import make_iemocap_sized_store
+    from demo.synthetic import make_iemocap_sized_store
 
     store = make_iemocap_sized_store(tmp / "iemocap.h5")
     common = [sys.executable, "-m", "pipeline.cli.train", str(store), "--no-baselines", "-q", "--device", args.device,

@@ -36,8 +36,8 @@ SENTENCES = (
 
 def make_clips(folder: Path, n: int) -> float:
     """n speaking-face clips of 5-10 s; returns their total duration in seconds."""
+    from demo.media import make_clip
     from pipeline.decode import probe
-    from pipeline.media import make_clip
 
     total = 0.0
     for i in range(n):

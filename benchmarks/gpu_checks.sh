@@ -9,7 +9,7 @@ out=${1:-/tmp/comp-gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
-python3 -c "from pipeline.synthetic import make_iemocap_sized_store as m; m('$out/store.h5')"
+python3 -c "from demo.synthetic import make_iemocap_sized_store as m; m('$out/store.h5')"
 common=("$out/store.h5" --folds 5 --epochs 2 --stage-epochs 1 --no-baselines -q --device "${DEVICE:-cuda}")
 t0=$(date +%s.%N)
 python3 -m pipeline.cli.train "${common[@]}" --out "$out/plain"

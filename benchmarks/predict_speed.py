@@ -50,7 +50,7 @@ def main() -> int:
 
     import torch
 
-    from pipeline import media
+    from demo import media
     from pipeline.predict import Predictor
 
     torch.set_num_threads(args.threads)

@@ -97,7 +97,7 @@ def main() -> None:
 
     import torch
 
-    from pipeline.synthetic import make_iemocap_sized_store
+    from demo.synthetic import make_iemocap_sized_store
 
     tmp = tempfile.TemporaryDirectory()
     store = args.store or make_iemocap_sized_store(Path(tmp.name) / "iemocap_sized.h5", seed=0)

@@ -39,7 +39,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from pipeline import media  # noqa: E402
+from demo import media  # noqa: E402
 
 CLASSES: tuple[str, ...] = ("happy", "sad", "angry", "neutral")
 MISSING_KINDS: tuple[str, ...] = ("noaudio", "silent", "noface")

@@ -32,10 +32,10 @@ def main() -> None:
     torch.set_num_threads(1)  # as the test suite runs (tests/conftest.py)
     from fake_extractors import fake_config_dict, make_media
 
+    from demo.synthetic import make_synthetic_store
     from pipeline.extract import run_extraction
     from pipeline.extract_config import config_from_dict
     from pipeline.inputs import collect_inputs
-    from pipeline.synthetic import make_synthetic_store
 
     OUT.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:

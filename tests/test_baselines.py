@@ -13,9 +13,9 @@ from comp.config import ModelConfig, TrainConfig
 from comp.data import Conversation
 from comp.metrics import CLASSIFICATION_METRICS, REGRESSION_METRICS
 from comp.train import train_protocol
+from demo.synthetic import make_synthetic_store
 from pipeline.cli.train import main as train_main
 from pipeline.store import read_store
-from pipeline.synthetic import make_synthetic_store
 
 TINY = ModelConfig(hidden=16, depth=2, heads=2, prompt_dim=4, n_prototypes=3, drop_rate=0.1, max_len=24)
 NAMES = [b.name for b in BASELINES]

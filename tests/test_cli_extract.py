@@ -133,7 +133,7 @@ def test_threads_option_sets_torch_threads_and_says_its_default(tmp_path, capsys
 def test_no_clip_extracted_exits_1_and_names_skipped_files(tmp_path, capsys):
     """When every clip fails the run exits 1 and says so; files that are not clips are named, with the path
     given once per warning."""
-    from pipeline.media import lfs_pointer
+    from demo.media import lfs_pointer
 
     lfs_pointer(tmp_path / "in" / "clip.mp4")
     (tmp_path / "in" / "cover.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)

@@ -94,7 +94,7 @@ def test_progress_for_more_than_a_few_clips_clears_itself(tmp_path, monkeypatch,
 
 
 def test_model_pointing_at_a_feature_store_says_what_it_is(tmp_path, capsys):
-    from pipeline.synthetic import make_synthetic_store
+    from demo.synthetic import make_synthetic_store
 
     store = make_synthetic_store(tmp_path / "feats.h5", n_conversations=3, utterances=(1, 2))
     clip = tmp_path / "clip.mp4"

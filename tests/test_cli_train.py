@@ -7,8 +7,8 @@ import json
 import pytest
 
 from comp.checkpoint import load_checkpoint
+from demo.synthetic import make_synthetic_store
 from pipeline.cli.train import PRESETS, build_parser, main, resolve_config
-from pipeline.synthetic import make_synthetic_store
 
 FAST = ["--set", "model.hidden=16", "--set", "model.depth=2", "--set", "model.prompt_dim=4",
         "--set", "model.n_prototypes=3", "--batch-size", "8", "--no-baselines"]

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from core.clip import SAMPLE_RATE
-from pipeline.decode import DecodeConfig, DecodeError, decode_clip, probe, resample_audio, sample_times
-from pipeline.media import (
+from demo.media import (
     AudioTrack,
     VideoTrack,
     corrupt_file,
@@ -19,6 +18,7 @@ from pipeline.media import (
     write_clip,
     write_tracks,
 )
+from pipeline.decode import DecodeConfig, DecodeError, decode_clip, probe, resample_audio, sample_times
 
 AAC_FRAME = 1024  # samples; AAC rounds the stream up to whole frames
 

@@ -16,12 +16,12 @@ import pytest
 import yaml
 from fake_extractors import fake_config_dict, make_media
 
+from demo.synthetic import make_synthetic_store
 from pipeline.cli.launch import child_environment, free_port, strip_option
 from pipeline.extract import part_path, parts_dir_for, run_extraction, shard_items
 from pipeline.extract_config import config_from_dict
 from pipeline.inputs import ClipItem, collect_inputs
 from pipeline.store import StoreWriter, read_store
-from pipeline.synthetic import make_synthetic_store
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent

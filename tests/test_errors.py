@@ -9,7 +9,7 @@ from collections import Counter
 
 from core.errors import CompError
 
-PACKAGES = ("core", "extractors", "comp", "pipeline")
+PACKAGES = ("core", "extractors", "comp", "pipeline", "demo")
 
 
 def project_exceptions() -> list[type[BaseException]]:

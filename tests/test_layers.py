@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("core", "extractors", "comp", "pipeline")
+PACKAGES = ("core", "extractors", "comp", "pipeline", "demo")
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 
 

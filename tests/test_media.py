@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from core.clip import SAMPLE_RATE
+from demo.media import corrupt_file, face_image, make_clip, no_face_image, speak, write_clip
 from pipeline.decode import decode_clip, probe
-from pipeline.media import corrupt_file, face_image, make_clip, no_face_image, speak, write_clip
 
 
 def _rms(x: np.ndarray) -> float:
@@ -88,7 +88,7 @@ def test_corrupt_file_keeps_the_header(tmp_path):
 
 def test_noise_variants_have_their_level_and_differ():
     """Every non-speech kind is generated at the asked RMS level, deterministic per seed."""
-    from pipeline.media import NOISE_KINDS, noise_variant
+    from demo.media import NOISE_KINDS, noise_variant
 
     sounds = {kind: noise_variant(kind, 1.0, level_db=-30.0) for kind in NOISE_KINDS}
     for kind, x in sounds.items():
@@ -100,7 +100,7 @@ def test_noise_variants_have_their_level_and_differ():
 
 def test_stored_for_display_undoes_the_display_turn():
     """Turning the stored frame as PyAV documents (counter-clockwise, then mirror) gives the picture back."""
-    from pipeline.media import stored_for_display
+    from demo.media import stored_for_display
 
     image = np.arange(6 * 4 * 3, dtype=np.uint8).reshape(6, 4, 3)
     for rotation in (0, 90, 180, -90):

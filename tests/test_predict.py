@@ -16,7 +16,7 @@ import torch
 
 from comp.checkpoint import load_checkpoint, save_checkpoint
 from core.records import spec_hash
-from pipeline import media
+from demo import media
 from pipeline.cli import predict as cli
 from pipeline.inputs import ClipItem
 from pipeline.predict import PredictError, Predictor

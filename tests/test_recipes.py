@@ -129,8 +129,8 @@ def test_prepared_ravdess_extracts_and_trains_actor_independently(tmp_path):
 
     from comp.config import TrainConfig
     from comp.data import plan_folds
+    from demo.media import noise, write_clip
     from pipeline.cli.extract import main as extract_main
-    from pipeline.media import noise, write_clip
     from pipeline.store import read_store
 
     root = tmp_path / "RAVDESS"

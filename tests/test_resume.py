@@ -13,10 +13,10 @@ import yaml
 from fake_extractors import fake_config_dict, make_media
 
 from core.records import StoreError, StoreHeader
+from demo.media import corrupt_file, make_clip
 from pipeline.extract import Extraction, run_extraction
 from pipeline.extract_config import config_from_dict
 from pipeline.inputs import collect_inputs
-from pipeline.media import corrupt_file, make_clip
 from pipeline.store import StoreWriter, read_store
 
 TESTS = Path(__file__).resolve().parent

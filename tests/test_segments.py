@@ -7,9 +7,9 @@ import pytest
 import yaml
 from fake_extractors import fake_config_dict
 
+from demo.media import write_clip
 from pipeline.decode import DecodeError, decode_clip
 from pipeline.inputs import InputError, read_manifest
-from pipeline.media import write_clip
 
 FPS = 10
 SR = 16_000

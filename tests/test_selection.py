@@ -19,8 +19,8 @@ from comp.config import ModelConfig, TrainConfig
 from comp.results import RunRecord
 from comp.selection import Candidate, better_epoch, better_run, fused_loss, split_sizes, split_warnings
 from comp.train import RunOutcome, TrainingError, train_protocol
+from demo.synthetic import make_synthetic_store
 from pipeline.store import read_store
-from pipeline.synthetic import make_synthetic_store
 from pipeline.train import run_training
 
 TINY = ModelConfig(hidden=16, depth=2, heads=2, prompt_dim=4, n_prototypes=3, drop_rate=0.1, max_len=24)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import media
+from demo import media
 
 pytestmark = pytest.mark.slow
 

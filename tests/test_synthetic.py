@@ -9,14 +9,14 @@ import pytest
 from sklearn.linear_model import LinearRegression, LogisticRegression
 
 from core.clip import MODALITIES
-from pipeline.store import read_store
-from pipeline.synthetic import (
+from demo.synthetic import (
     IEMOCAP_SESSIONS,
     MISSING_REASONS,
     make_iemocap_sized_store,
     make_synthetic_store,
     modality_groups,
 )
+from pipeline.store import read_store
 
 NO_MISSING = {"audio": 0.0, "text": 0.0, "visual": 0.0}
 

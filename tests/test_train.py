@@ -12,8 +12,8 @@ import comp.train as train_mod
 from comp.config import ModelConfig, TrainConfig
 from comp.selection import SELECTED_ON_TEST
 from comp.train import train_protocol
+from demo.synthetic import make_synthetic_store
 from pipeline.store import read_store
-from pipeline.synthetic import make_synthetic_store
 from pipeline.train import run_training
 
 TINY = ModelConfig(hidden=16, depth=2, heads=2, prompt_dim=4, n_prototypes=3, drop_rate=0.1, max_len=24)

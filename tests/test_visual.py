@@ -11,11 +11,11 @@ import skimage.data
 from core.clip import ClipInput
 from core.config import from_dict
 from core.errors import ConfigError
+from demo.media import face_image, make_clip, no_face_image
 from extractors.faces import Box, HaarFaceDetector, build_detector, largest
 from extractors.mini_xception import EMOTIONS, FaceExpressionEncoder
 from extractors.visual import FaceConfig, FaceExtractor, crop_face
 from pipeline.decode import decode_clip
-from pipeline.media import face_image, make_clip, no_face_image
 
 
 @pytest.fixture(scope="module")
