@@ -263,7 +263,7 @@ def fit_run(conversations: Sequence[Any], plan: Any, cfg: TrainConfig, seed: int
     each trains on its share of every batch and all of them return the same outcome.
     """
     from comp.data import Normalizer, iterate_batches, pack, select
-    from comp.masks import mask_conversations, parse_missing
+    from comp.masks import mask_packed, parse_missing
     from comp.model import ComP
 
     hooks = hooks or NullHooks()
@@ -280,9 +280,9 @@ def fit_run(conversations: Sequence[Any], plan: Any, cfg: TrainConfig, seed: int
         normalizer = Normalizer.identity({m: int(train_c[0].features[m].shape[1]) for m in MODALITY_ORDER})
     else:
         normalizer = Normalizer.fit(train_c)
-    train_packed = pack(normalizer.apply(train_c))
-    val_c = normalizer.apply(select(conversations, plan.val)) if plan.val else []
-    test_c = normalizer.apply(select(conversations, plan.test))
+    train_packed = pack(train_c, normalizer)  # standardised per batch: the features are held once
+    val_c = select(conversations, plan.val) if plan.val else []
+    test_c = select(conversations, plan.test)
     if not train_packed.labelled[:-1].any():
         raise TrainingError(f"{label}: no labelled training utterance; label the clips in the store")
 
@@ -291,10 +291,11 @@ def fit_run(conversations: Sequence[Any], plan: Any, cfg: TrainConfig, seed: int
     def fixed_sets(convs):
         if not convs:
             return {}
-        return {c.label: pack(mask_conversations(convs, c, cfg.seed)[0]) for c in missing.conditions}
+        packed = pack(convs, normalizer)
+        return {c.label: mask_packed(packed, c, cfg.seed)[0] for c in missing.conditions}
 
     val_sets = {} if paper else fixed_sets(val_c)
-    eval_packed = pack(val_c) if (paper and val_c) else None
+    eval_packed = pack(val_c, normalizer) if (paper and val_c) else None
 
     seed_everything(seed)
     rng = mask_rng(seed)

@@ -278,3 +278,27 @@ def test_faithful_test_batches_are_masked_afresh_every_epoch(data, monkeypatch):
     for m in masks:
         assert m.mean() < natural - 0.25  # about half of what the data has is removed
     assert not np.array_equal(masks[0], masks[1])
+
+
+def test_training_holds_the_features_once(data, monkeypatch):
+    """Training, validation and test sets all index the store's own feature arrays (a store in conversation
+    order lends them); no standardised or masked copy of the features is made."""
+    import comp.data as data_mod
+
+    packed = []
+    real_pack = data_mod.pack
+
+    def spy(conversations, normalizer=None):
+        packed.append(real_pack(conversations, normalizer))
+        return packed[-1]
+
+    def no_copies(self, conversations):
+        raise AssertionError("training made standardised copies of the features")
+
+    monkeypatch.setattr(data_mod, "pack", spy)
+    monkeypatch.setattr(data_mod.Normalizer, "apply", no_copies)
+    monkeypatch.setattr(data_mod.Conversation, "with_present", no_copies)
+    train_protocol(data, _cfg(epochs=2, stage_epochs=1, missing="fixed:a,at"))
+    assert len({id(p) for p in packed}) >= 3  # train, val, test and their masked sets
+    for m in ("audio", "text", "visual"):
+        assert all(p.features[m] is data.features[m] for p in packed)
