@@ -596,12 +596,13 @@ class PackedConversations:
         present = self.present[index]
         out = {}
         for i, m in enumerate(MODALITY_ORDER):
-            x = self.features[m][self.rows[m][index]]  # a fresh array: the shared one is never written
+            keep = present[..., i]
+            x = self.features[m][self.rows[m][index[keep]]]  # present rows only; the shared array is never written
             if self.normalizer is not None:
                 x -= self.normalizer.mean[m]
                 x /= self.normalizer.std[m]
-            x[~present[..., i]] = 0
-            out[m] = x
+            out[m] = np.zeros(index.shape + x.shape[1:], dtype=np.float32)
+            out[m][keep] = x
         return out
 
 
