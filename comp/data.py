@@ -53,7 +53,10 @@ class DataError(CompError, ValueError):
 
 @dataclass(frozen=True, eq=False)
 class Conversation:
-    """One conversation's utterances in order; arrays share their first axis (length L)."""
+    """One conversation's utterances in order; arrays share their first axis (length L).
+
+    From `build_conversations`, `features` are read-only views (row blocks) of one array per modality that
+    holds every conversation; `pack` batches straight from that array instead of copying it."""
 
     id: str
     clip_ids: np.ndarray  # object [L]
@@ -102,11 +105,18 @@ def build_conversations(data: StoreData, *, zero_vectors_present: bool = False) 
     `zero_vectors_present` (docs/model.md §9.18, the released code's data path): a modality the store records
     absent because its source held an all-zero vector is fed as present, with its zero features, so simulated
     masks treat it like any other present input. Other absences stay absent.
+
+    The features are held once: every conversation's `features[m]` is a read-only view of one float32
+    [N, D_m] array per modality in conversation order. That array is `data.features[m]` itself when the
+    store's usable rows already come in that order with zeros where absent (as `read_store` gives them), else
+    one reordered copy.
     """
-    n_error = int(np.count_nonzero(data.status != "ok"))
+    usable = data.status == "ok"
+    n_error = int(np.count_nonzero(~usable))
+    stored = data.features
     if n_error:
         log.info("leaving out %d clip(s) that could not be decoded (status error)", n_error)
-        data = data.usable()
+        data = dataclasses.replace(data, features={}).usable()  # the features are gathered once, below
     if len(data) == 0:
         raise DataError("the store has no usable clips; run comp-extract (or comp-import) first")
     targets, labelled = encode_targets(data)
@@ -121,9 +131,8 @@ def build_conversations(data: StoreData, *, zero_vectors_present: bool = False) 
             log.info("feeding %d all-zero source vector(s) as present inputs (zero_vectors_present)",
                      int(zero.sum()))
         present = present | zero
-    # zeros where absent, whatever the store holds there (the contract says never read them without `present`)
-    feats = {m: np.where(present[:, i:i + 1], data.features[m][order], np.float32(0))
-             for i, m in enumerate(MODALITY_ORDER)}
+    rows = np.flatnonzero(usable)[order]  # stored row of each utterance, in conversation order
+    feats = {m: _in_conversation_order(stored[m], rows, present[:, i]) for i, m in enumerate(MODALITY_ORDER)}
     ids, targets, labelled = data.ids[order], targets[order], labelled[order]
     fold, split = data.fold[order], data.split[order].astype(str)
     starts = np.flatnonzero(np.r_[True, conv[1:] != conv[:-1]])
@@ -137,10 +146,26 @@ def build_conversations(data: StoreData, *, zero_vectors_present: bool = False) 
         if np.any(split[a:b] != split[a]):
             raise DataError(f"conversation {name!r} has clips in different splits {sorted(set(split[a:b]))}; "
                             "a conversation must lie in one split")
-        out.append(Conversation(id=name, clip_ids=ids[a:b], features={m: f[a:b] for m, f in feats.items()},
+        out.append(Conversation(id=name, clip_ids=ids[a:b], features={m: _read_only(f[a:b]) for m, f in feats.items()},
                                 present=present[a:b], targets=targets[a:b], labelled=labelled[a:b],
                                 fold=int(fold[a]), split=str(split[a])))
     return out
+
+
+def _in_conversation_order(stored: np.ndarray, rows: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """float32 [len(rows), D]: `stored[rows]` with zeros where `present` is False; `stored` itself when that
+    is already so (no copy), else one gathered copy."""
+    if (len(rows) == len(stored) and np.array_equal(rows, np.arange(len(stored)))
+            and stored.dtype == np.float32 and stored.flags.c_contiguous and not stored[~present].any()):
+        return stored
+    out = np.asarray(stored[rows], dtype=np.float32)
+    out[~present] = 0  # zeros where absent, whatever the store holds there (never read without `present`)
+    return out
+
+
+def _read_only(view: np.ndarray) -> np.ndarray:
+    view.flags.writeable = False  # the conversations share one array: a write into one would reach the others
+    return view
 
 
 def select(conversations: Sequence[Conversation], ids: Sequence[str]) -> list[Conversation]:
@@ -170,6 +195,11 @@ class Normalizer:
         return cls({m: np.zeros(dims[m], np.float32) for m in MODALITY_ORDER},
                    {m: np.ones(dims[m], np.float32) for m in MODALITY_ORDER})
 
+    @property
+    def is_identity(self) -> bool:
+        """True when it changes nothing (mean 0, std 1 everywhere)."""
+        return all(not self.mean[m].any() and bool(np.all(self.std[m] == 1)) for m in MODALITY_ORDER)
+
     @classmethod
     def fit(cls, conversations: Sequence[Conversation]) -> "Normalizer":
         if not conversations:
@@ -195,6 +225,7 @@ class Normalizer:
                 for i, m in enumerate(MODALITY_ORDER)}
 
     def apply(self, conversations: Sequence[Conversation]) -> list[Conversation]:
+        """Standardised copies of `conversations` (training standardises per batch instead: `pack`)."""
         return [dataclasses.replace(c, features=self.transform(c.features, c.present)) for c in conversations]
 
     def to_dict(self) -> dict[str, Any]:
@@ -533,25 +564,83 @@ def _replace(obj: Any, **changes: Any) -> Any:
 
 @dataclass(frozen=True, eq=False)
 class PackedConversations:
-    """All conversations' rows in flat arrays (plus one zero row that padding gathers), built once."""
+    """Conversations laid end to end as rows of shared feature arrays, plus one padding row, built once.
+
+    The features are not copied: `rows[m]` says which row of `features[m]` each utterance is, and each batch
+    gathers its rows, standardises them with `normalizer` and zeroes absent modalities (`present`)."""
 
     conversations: tuple[Conversation, ...]
     offsets: np.ndarray  # int64 [C]
     lengths: np.ndarray  # int64 [C]
-    features: Mapping[str, np.ndarray]  # float32 [N + 1, D_m]
-    present: np.ndarray  # bool [N + 1, 3]
+    features: Mapping[str, np.ndarray]  # float32 [R_m, D_m]: the arrays the rows point into (shared)
+    rows: Mapping[str, np.ndarray]  # int64 [N + 1] row of features[m] per utterance; the padding row's is 0
+    present: np.ndarray  # bool [N + 1, 3]; False on the padding row
     targets: np.ndarray  # [N + 1]
     labelled: np.ndarray  # bool [N + 1]
     clip_ids: np.ndarray  # object [N + 1]
+    normalizer: Normalizer | None = None  # standardises each batch; None: features as held
 
     def __len__(self) -> int:
         return len(self.conversations)
 
+    def with_present(self, present: np.ndarray) -> "PackedConversations":
+        """The same conversations with presence flags `present` (bool [N, 3], utterances in order); batches
+        zero the features of modalities that are absent there."""
+        present = np.asarray(present, dtype=bool)
+        if present.shape != (len(self.present) - 1, len(MODALITY_ORDER)):
+            raise ValueError(f"present must be [{len(self.present) - 1}, {len(MODALITY_ORDER)}], got "
+                             f"{present.shape}")
+        return dataclasses.replace(self, present=np.concatenate([present, np.zeros((1, present.shape[1]), bool)]))
 
-def pack(conversations: Sequence[Conversation]) -> PackedConversations:
-    """Flatten once, so that every batch is one gather per array."""
+    def gather(self, index: np.ndarray) -> dict[str, np.ndarray]:
+        """Features of the utterances at `index` (any int shape [...], N = padding): float32 [..., D_m],
+        standardised, zeros where absent."""
+        present = self.present[index]
+        out = {}
+        for i, m in enumerate(MODALITY_ORDER):
+            keep = present[..., i]
+            x = self.features[m][self.rows[m][index[keep]]]  # present rows only; the shared array is never written
+            if self.normalizer is not None:
+                x -= self.normalizer.mean[m]
+                x /= self.normalizer.std[m]
+            out[m] = np.zeros(index.shape + x.shape[1:], dtype=np.float32)
+            out[m][keep] = x
+        return out
+
+
+def _rows_of(views: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray] | None:
+    """(array, row index per stacked row) when every view is a block of whole rows of one float32
+    C-contiguous array (as `build_conversations` makes them), else None."""
+    base = views[0].base
+    if not (isinstance(base, np.ndarray) and base.ndim == 2 and base.dtype == np.float32
+            and base.flags.c_contiguous and len(base) and base.strides[0] > 0):
+        return None
+    origin, row_bytes = base.__array_interface__["data"][0], base.strides[0]
+    starts = np.empty(len(views), dtype=np.int64)
+    for k, v in enumerate(views):
+        if v.base is not base or v.ndim != 2 or v.shape[1] != base.shape[1] or v.strides != base.strides:
+            return None
+        offset = v.__array_interface__["data"][0] - origin
+        if offset % row_bytes or not 0 <= offset // row_bytes <= len(base) - len(v):
+            return None
+        starts[k] = offset // row_bytes
+    lengths = np.array([len(v) for v in views], dtype=np.int64)
+    rows = np.repeat(starts - np.r_[0, np.cumsum(lengths)[:-1]], lengths) + np.arange(int(lengths.sum()))
+    return base, rows
+
+
+def pack(conversations: Sequence[Conversation] | PackedConversations,
+         normalizer: Normalizer | None = None) -> PackedConversations:
+    """Lay the conversations end to end once, so that every batch is one gather per array.
+
+    Features that are views of one array (`build_conversations`) are indexed, not copied; others are
+    concatenated once. `normalizer` standardises every batch (None or the identity: features as held).
+    """
+    norm = None if normalizer is None or normalizer.is_identity else normalizer
     if isinstance(conversations, PackedConversations):
-        return conversations
+        if norm is not None and conversations.normalizer is not None and conversations.normalizer is not norm:
+            raise DataError("these conversations are already packed with another normaliser")
+        return conversations if norm is None else dataclasses.replace(conversations, normalizer=norm)
     if not conversations:
         raise DataError("no conversations to batch")
     convs = tuple(conversations)
@@ -563,12 +652,18 @@ def pack(conversations: Sequence[Conversation]) -> PackedConversations:
         pad = np.full((1,) + arr.shape[1:], pad_value, dtype=arr.dtype if dtype is None else dtype)
         return np.concatenate([arr, pad])
 
+    features, rows = {}, {}
+    for m in MODALITY_ORDER:
+        shared = _rows_of([c.features[m] for c in convs])
+        if shared is None:  # conversations made some other way: one copy, in order
+            features[m] = np.concatenate([np.asarray(c.features[m], dtype=np.float32) for c in convs])
+            shared = (features[m], np.arange(len(features[m]), dtype=np.int64))
+        features[m], rows[m] = shared[0], np.r_[shared[1], 0].astype(np.int64)
     return PackedConversations(
-        conversations=convs, offsets=offsets, lengths=lengths,
-        features={m: flat(lambda c, m=m: c.features[m], 0) for m in MODALITY_ORDER},
+        conversations=convs, offsets=offsets, lengths=lengths, features=features, rows=rows,
         present=flat(lambda c: c.present, False), targets=flat(lambda c: c.targets, 0),
         labelled=flat(lambda c: c.labelled, False),
-        clip_ids=flat(lambda c: np.asarray(c.clip_ids, dtype=object), None, object))
+        clip_ids=flat(lambda c: np.asarray(c.clip_ids, dtype=object), None, object), normalizer=norm)
 
 
 def iterate_batches(conversations: Sequence[Conversation] | PackedConversations, batch_size: int,
@@ -576,7 +671,7 @@ def iterate_batches(conversations: Sequence[Conversation] | PackedConversations,
     """Batches of `batch_size` conversations, padded to the batch's longest conversation.
 
     Pass a `PackedConversations` (from `pack`) to avoid re-flattening every epoch. `rng` orders the
-    conversations when `shuffle` (numpy or torch generator).
+    conversations when `shuffle` (numpy or torch generator). Each batch's features are fresh arrays.
     """
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
@@ -597,7 +692,7 @@ def iterate_batches(conversations: Sequence[Conversation] | PackedConversations,
         steps = np.arange(int(lengths.max()))
         valid = steps[None, :] < lengths[:, None]
         rows = np.where(valid, packed.offsets[idx][:, None] + steps[None, :], pad_row)
-        b = ComPBatch(features={m: torch.from_numpy(packed.features[m][rows]) for m in MODALITY_ORDER},
+        b = ComPBatch(features={m: torch.from_numpy(x) for m, x in packed.gather(rows).items()},
                       present=torch.from_numpy(packed.present[rows]), valid=torch.from_numpy(valid),
                       targets=torch.from_numpy(packed.targets[rows]),
                       labelled=torch.from_numpy(packed.labelled[rows]))

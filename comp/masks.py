@@ -28,7 +28,7 @@ import torch
 from core.clip import MODALITIES
 
 if TYPE_CHECKING:
-    from comp.data import Batch, Conversation
+    from comp.data import Batch, Conversation, PackedConversations
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +224,19 @@ def mask_conversations(conversations: Sequence["Conversation"], spec: MissingSpe
     return out, all_absent
 
 
+def mask_packed(packed: "PackedConversations", spec: MissingSpec, seed: int) -> tuple["PackedConversations", int]:
+    """`mask_conversations` for packed conversations: the same fixed, seeded masks, as presence flags only
+    (batches zero the removed features), so no feature is copied. Returns (masked, all-absent count)."""
+    natural = packed.present[:-1]
+    if spec.kind == "natural":
+        return packed, int(np.count_nonzero(~natural.any(axis=1)))
+    mask, all_absent = test_mask(spec, packed.clip_ids[:-1].tolist(), natural, seed)
+    if all_absent:
+        log.info("%s: %d of %d test utterances have no modality left (kept; the model masks them)",
+                 spec.label, all_absent, len(natural))
+    return packed.with_present(mask), all_absent
+
+
 def mask_batch(batch: "Batch", spec: MissingSpec, rng: np.random.Generator) -> tuple["Batch", int]:
     """A fresh simulated mask for one batch (training; test batches of the faithful protocol).
 
@@ -245,4 +258,4 @@ def mask_batch(batch: "Batch", spec: MissingSpec, rng: np.random.Generator) -> t
 test_mask.__test__ = False  # type: ignore[attr-defined]
 
 __all__ = ["MissingSpec", "parse_missing", "random_mask", "condition_mask", "combine", "stable_seed",
-           "test_mask", "mask_conversations", "mask_batch", "CONDITIONS"]
+           "test_mask", "mask_conversations", "mask_packed", "mask_batch", "CONDITIONS"]

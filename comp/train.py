@@ -229,14 +229,15 @@ def _n_outputs(task: str, label_names: Sequence[str]) -> int:
 
 @dataclass
 class RunData:
-    """One run's conversations as training and evaluation consume them: normalised on the training
-    conversations' statistics, packed, and (clean protocol) masked once per evaluation condition."""
+    """One run's conversations as training and evaluation consume them: packed with the normaliser fitted on
+    the training conversations (applied per batch, so the features are held once), and (clean protocol)
+    masked once per evaluation condition."""
 
     label: str  # "fold <name> seed <seed>", for the log and the progress display
     normalizer: Any  # comp.data.Normalizer
     train: Any  # comp.data.PackedConversations
-    val: list[Any]  # normalised val conversations (comp.data.Conversation); [] without any
-    test: list[Any]  # normalised test conversations
+    val: list[Any]  # val conversations as stored (comp.data.Conversation; standardised per batch); [] without any
+    test: list[Any]  # test conversations as stored
     val_sets: dict[str, Any]  # clean: condition label -> packed val conversations under its fixed mask
     eval_packed: Any  # faithful: the packed evaluation (test) conversations, masked afresh per batch; else None
     splits: dict[str, dict]  # "train"/"val"/"test" -> comp.selection.split_sizes
@@ -260,27 +261,29 @@ def prepare_run(conversations: Sequence[Any], plan: Any, cfg: TrainConfig, missi
         normalizer = Normalizer.identity({m: int(train_c[0].features[m].shape[1]) for m in MODALITIES})
     else:
         normalizer = Normalizer.fit(train_c)
-    train_packed = pack(normalizer.apply(train_c))
-    val_c = normalizer.apply(select(conversations, plan.val)) if plan.val else []
-    test_c = normalizer.apply(select(conversations, plan.test))
+    train_packed = pack(train_c, normalizer)  # standardised per batch: the features are held once
+    val_c = select(conversations, plan.val) if plan.val else []
+    test_c = select(conversations, plan.test)
     if not train_packed.labelled[:-1].any():
         raise TrainingError(f"{label}: no labelled training utterance; label the clips in the store")
     splits = {name: split_sizes(convs, task, label_names)
               for name, convs in (("train", train_c), ("val", [] if paper else val_c), ("test", test_c))}
     return RunData(label=label, normalizer=normalizer, train=train_packed, val=val_c, test=test_c,
-                   val_sets={} if paper else fixed_mask_sets(val_c, missing, cfg.seed),
-                   eval_packed=pack(val_c) if (paper and val_c) else None, splits=splits)
+                   val_sets={} if paper else fixed_mask_sets(val_c, missing, cfg.seed, normalizer),
+                   eval_packed=pack(val_c, normalizer) if (paper and val_c) else None, splits=splits)
 
 
-def fixed_mask_sets(conversations: Sequence[Any], missing: Missingness, seed: int) -> dict[str, Any]:
+def fixed_mask_sets(conversations: Sequence[Any], missing: Missingness, seed: int,
+                    normalizer: Any) -> dict[str, Any]:
     """Clean protocol: per condition, the conversations under a fixed mask seeded by the base seed (every
     seed and model sees the same masks), packed. Faithful redraws masks per batch instead."""
     from comp.data import pack
-    from comp.masks import mask_conversations
+    from comp.masks import mask_packed
 
     if not conversations:
         return {}
-    return {c.label: pack(mask_conversations(conversations, c, seed)[0]) for c in missing.conditions}
+    packed = pack(conversations, normalizer)  # row indices into the held features; conditions change flags only
+    return {c.label: mask_packed(packed, c, seed)[0] for c in missing.conditions}
 
 
 @dataclass
@@ -427,7 +430,7 @@ def score_test(model: torch.nn.Module, run: RunData, cfg: TrainConfig, missing: 
     """Clean protocol: the test conversations, scored once with the selected weights under every condition."""
     from comp.data import iterate_batches
 
-    test_sets = fixed_mask_sets(run.test, missing, cfg.seed)
+    test_sets = fixed_mask_sets(run.test, missing, cfg.seed, run.normalizer)
     return scoring.pool({cond.label: scoring.evaluate(
         model, iterate_batches(test_sets[cond.label], cfg.batch_size, shuffle=False), stage)
         for cond in missing.conditions})

@@ -52,6 +52,14 @@ def _read_str(ds: h5py.Dataset) -> np.ndarray:
     return np.array(ds.asstr()[()], dtype=object) if len(ds) else np.array([], dtype=object)
 
 
+def _read_features(ds: h5py.Dataset, done: np.ndarray, all_done: bool) -> np.ndarray:
+    """float32 [n_done, D], read straight into one array: training holds this array, not a copy of it."""
+    arr = np.empty(ds.shape, dtype=np.float32)
+    if arr.size:
+        ds.read_direct(arr)  # converts on read when the file holds another float type
+    return arr if all_done else arr[done]
+
+
 def read_header(path: str | Path) -> StoreHeader:
     """File-level attributes only (cheap)."""
     with _open_read(path) as f:
@@ -90,7 +98,10 @@ def _header_from(f: h5py.File, path: str | Path) -> StoreHeader:
 
 
 def read_store(path: str | Path, *, include_pending_warning: bool = True) -> StoreData:
-    """Load every committed, done row of the store."""
+    """Load every committed, done row of the store.
+
+    Features come back as one float32 [N, D] array per modality with zeros where the modality is absent;
+    rows keep the store's order."""
     path = Path(path)
     if include_pending_warning and _journal_dir(path).exists() and any(_journal_dir(path).glob("*.npz")):
         log.warning("%s has uncommitted extraction results in %s; rerun the same comp-extract command "
@@ -106,11 +117,13 @@ def read_store(path: str | Path, *, include_pending_warning: bool = True) -> Sto
             cols[name] = c[name][()].astype(np.int64)[done]
         for name in ("value", "duration_s"):
             cols[name] = c[name][()].astype(np.float32)[done]
+        all_done = bool(done.all())
         feats, present, reason = {}, {}, {}
         for m in MODALITIES:
             g = f[f"modalities/{m}"]
-            feats[m] = g["features"][()].astype(np.float32)[done]
             present[m] = g["present"][()].astype(bool)[done]
+            feats[m] = _read_features(g["features"], done, all_done)
+            feats[m][~present[m]] = 0  # the contract's zeros where absent, whatever a writer left there
             reason[m] = _read_str(g["reason"])[done]
         diags = {k: f["diagnostics"][k][()].astype(np.float32)[done] for k in f.get("diagnostics", {})}
     return StoreData(header=header, spec_hash=header.spec_hash, ids=cols["id"], source=cols["source"],

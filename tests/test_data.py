@@ -8,6 +8,7 @@ import torch
 
 from comp.config import TrainConfig
 from comp.data import DataError, Normalizer, build_conversations, iterate_batches, pack, plan_folds
+from comp.masks import mask_conversations, mask_packed, parse_missing
 from core.records import ClipRecord, ModalityInfo, ModalityValue, StoreHeader
 from pipeline.store import read_store, write_store
 
@@ -16,15 +17,16 @@ LABELS = ("neu", "hap", "sad")
 
 
 def make_store(tmp_path, conversations, *, fold=None, split=None, task="classification", absent=None,
-               unlabelled=(), seed=0, speaker=None, label_of=None):
+               unlabelled=(), seed=0, speaker=None, label_of=None, in_order=False):
     """A store with `conversations` = {name: n utterances}; fold/split map name -> value; absent maps a clip
-    id to the modalities it lacks; positions are written in reverse so that ordering is tested."""
+    id to the modalities it lacks; positions are written in reverse so that ordering is tested, unless
+    `in_order`."""
     rng = np.random.default_rng(seed)
     header = StoreHeader(task=task, label_names=LABELS if task == "classification" else (),
                          modalities={m: ModalityInfo(d) for m, d in DIMS.items()}, source="test")
     records = []
     for name, n in conversations.items():
-        for pos in reversed(range(n)):
+        for pos in (range(n) if in_order else reversed(range(n))):
             cid = f"{name}_{pos:03d}"
             lacks = (absent or {}).get(cid, ())
             mods = {m: (ModalityValue(None, "no-face") if m in lacks else
@@ -245,3 +247,90 @@ def test_random_split_keeps_every_class_in_every_part(tmp_path):
         for part in (plan.val, plan.test):
             assert sorted(label_of[c] for c in part) == sorted(LABELS)
         assert sorted(label_of[c] for c in plan.train) == sorted(LABELS * 3)
+
+
+# ------------------------------------------------------------------------------------ features held once
+
+def _batches_equal(a, b) -> None:
+    """Two batch streams carry bitwise the same tensors and clip ids."""
+    a, b = list(a), list(b)
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        for m in DIMS:
+            assert x.batch.features[m].dtype == y.batch.features[m].dtype == torch.float32
+            assert torch.equal(x.batch.features[m], y.batch.features[m]), m
+        for name in ("present", "valid", "targets", "labelled"):
+            assert torch.equal(getattr(x.batch, name), getattr(y.batch, name)), name
+        assert x.clip_ids.tolist() == y.clip_ids.tolist() and x.conversation_ids == y.conversation_ids
+
+
+@pytest.mark.parametrize("in_order", [True, False])
+def test_conversations_are_read_only_views_of_one_array_per_modality(tmp_path, in_order):
+    """Every conversation's features view one float32 array per modality (zeros where absent); a store
+    already in conversation order lends its own arrays, so nothing is copied at all."""
+    data = make_store(tmp_path, {"d1": 4, "d2": 3, "d3": 2}, absent={"d2_001": ("text",)}, in_order=in_order)
+    convs = build_conversations(data)
+    for m in DIMS:
+        base = convs[0].features[m].base
+        assert base is not None and base.dtype == np.float32 and base.shape == (9, DIMS[m])
+        assert all(c.features[m].base is base for c in convs)
+        assert not any(c.features[m].flags.writeable for c in convs)
+        assert np.shares_memory(base, data.features[m]) == in_order
+    assert np.all(convs[1].features["text"][1] == 0) and not convs[1].present[1, 1]
+    with pytest.raises(ValueError):
+        convs[0].features["audio"][0, 0] = 1.0
+
+
+def test_read_store_gives_float32_with_zeros_where_absent(tmp_path):
+    """Whatever a writer left in an absent row, the store is read as float32 with zeros there."""
+    import h5py
+
+    data = make_store(tmp_path, {"d1": 3}, absent={"d1_001": ("audio",)})
+    row = int(np.flatnonzero(data.ids == "d1_001")[0])
+    with h5py.File(tmp_path / "feats.h5", "r+") as f:
+        f["modalities/audio/features"][row] = 7.0
+    again = read_store(tmp_path / "feats.h5")
+    assert again.features["audio"].dtype == np.float32
+    assert np.all(again.features["audio"][row] == 0) and not again.present["audio"][row]
+    assert np.array_equal(again.features["text"], data.features["text"])
+
+
+@pytest.mark.parametrize("in_order", [True, False])
+def test_packing_with_a_normaliser_indexes_the_features_and_gives_the_copied_batches(tmp_path, in_order):
+    """pack(convs, normaliser) holds no copy of the features, standardises each batch on the fly, and gives
+    bitwise the batches of packing standardised copies (the way they were made before); the shared array
+    is left as it was."""
+    absent = {"b_001": ("text",), "a_000": ("audio", "visual"), "c_002": ("audio",)}
+    data = make_store(tmp_path, {"a": 2, "b": 5, "c": 3, "d": 4}, absent=absent, in_order=in_order)
+    convs = build_conversations(data)
+    norm = Normalizer.fit(convs[:3])
+    before = {m: convs[0].features[m].base.copy() for m in DIMS}
+    packed = pack(convs, norm)
+    for m in DIMS:
+        assert packed.features[m] is convs[0].features[m].base
+    for shuffle in (False, True):
+        rng = (np.random.default_rng(5), np.random.default_rng(5))
+        _batches_equal(iterate_batches(packed, 3, shuffle, rng[0]),
+                       iterate_batches(pack(norm.apply(convs)), 3, shuffle, rng[1]))
+    sub = [convs[3], convs[1]]  # any subset and order of the conversations still indexes the same array
+    _batches_equal(iterate_batches(pack(sub, norm), 2, False), iterate_batches(norm.apply(sub), 2, False))
+    assert pack(sub).features["text"] is convs[0].features["text"].base
+    for m in DIMS:
+        assert np.array_equal(convs[0].features[m].base, before[m])
+    ident = Normalizer.identity(DIMS)
+    _batches_equal(iterate_batches(pack(convs, ident), 4, False), iterate_batches(convs, 4, False))
+
+
+def test_masked_packed_sets_equal_masked_conversations(tmp_path):
+    """The fixed test masks as presence flags (mask_packed) give bitwise the batches of masking copies of
+    the conversations (mask_conversations), removed features zeroed."""
+    absent = {"b_001": ("text",), "a_000": ("audio",)}
+    convs = build_conversations(make_store(tmp_path, {"a": 2, "b": 5, "c": 3}, absent=absent))
+    norm = Normalizer.fit(convs)
+    packed = pack(convs, norm)
+    for cond in parse_missing("fixed:a,t,av,atv").runs() + [parse_missing("random:0.5")]:
+        masked, absent_count = mask_packed(packed, cond, seed=3)
+        copies, expected = mask_conversations(norm.apply(convs), cond, seed=3)
+        assert absent_count == expected
+        assert masked.features["audio"] is packed.features["audio"]
+        _batches_equal(iterate_batches(masked, 2, False), iterate_batches(copies, 2, False))

@@ -295,3 +295,27 @@ def test_progress_counts_every_batch_of_every_epoch(data):
         total = counts[0][2]
         assert total >= 1 and [c[1] for c in counts] == list(range(total + 1))
         assert all(len(c) == 4 and c[3].startswith("loss ") for c in counts[1:])
+
+
+def test_training_holds_the_features_once(data, monkeypatch):
+    """Training, validation and test sets all index the store's own feature arrays (a store in conversation
+    order lends them); no standardised or masked copy of the features is made."""
+    import comp.data as data_mod
+
+    packed = []
+    real_pack = data_mod.pack
+
+    def spy(conversations, normalizer=None):
+        packed.append(real_pack(conversations, normalizer))
+        return packed[-1]
+
+    def no_copies(self, conversations):
+        raise AssertionError("training made standardised copies of the features")
+
+    monkeypatch.setattr(data_mod, "pack", spy)
+    monkeypatch.setattr(data_mod.Normalizer, "apply", no_copies)
+    monkeypatch.setattr(data_mod.Conversation, "with_present", no_copies)
+    train_protocol(data, _cfg(epochs=2, stage_epochs=1, missing="fixed:a,at"))
+    assert len({id(p) for p in packed}) >= 3  # train, val, test and their masked sets
+    for m in ("audio", "text", "visual"):
+        assert all(p.features[m] is data.features[m] for p in packed)
