@@ -22,7 +22,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -230,8 +230,10 @@ class Predictor:
         return self.predict_record(records[0], clip=str(item.path), timings_ms=timings)
 
     def predict_record(self, record: ClipRecord, *, clip: str | None = None,
-                       timings_ms: Mapping[str, float] | None = None) -> ClipPrediction:
-        """The model's answer for one extracted clip."""
+                       timings_ms: Mapping[str, float] | None = None,
+                       logits: torch.Tensor | None = None) -> ClipPrediction:
+        """The model's answer for one extracted clip. `logits` [C]: the clip's row of `conversation_logits`
+        when it was predicted within a conversation (default: predicted alone)."""
         modalities = self._modality_report(record)
         timings = {k: round(float(v), 2) for k, v in (timings_ms or {}).items()}
         base = dict(clip=clip or record.id, modalities=modalities, transcript=str(record.transcript or ""),
@@ -243,34 +245,48 @@ class Predictor:
         if not any(m["present"] for m in modalities.values()):
             return ClipPrediction(prediction=None, timings_ms=timings,
                                   error="not predicted: no modality is present in this clip", **base)
-        t0 = time.perf_counter()
-        logits = self._forward(record)
-        timings["model"] = round((time.perf_counter() - t0) * 1e3, 2)
+        if logits is None:
+            t0 = time.perf_counter()
+            logits = self._forward(record)
+            timings["model"] = round((time.perf_counter() - t0) * 1e3, 2)
         return ClipPrediction(prediction=self._decode_output(logits), timings_ms=timings, **base)
 
     def batch_for(self, record: ClipRecord) -> "ComPBatch":
         """The clip as a batch of one conversation of one utterance: normalised features, present flags."""
+        return self.batch_for_conversation([record])
+
+    def batch_for_conversation(self, records: Sequence[ClipRecord]) -> "ComPBatch":
+        """Extracted clips, in order, as a batch of one conversation of len(records) utterances
+        (features [1, L, D] normalised with the checkpoint's normalizer, present [1, L, 3], valid [1, L])."""
         from comp.batch import ComPBatch
 
-        present = np.array([[[record.modalities[m].features is not None for m in MODALITY_ORDER]]])  # [1,1,3]
+        if not records:
+            raise ValueError("a conversation needs at least one utterance")
+        present = np.array([[[r.modalities[m].features is not None for m in MODALITY_ORDER] for r in records]])
         raw = {}
         for m in MODALITY_ORDER:
-            value = record.modalities[m].features
             # an absent row is zeros *and* present=False: the mask, not the value, tells the model it is missing
-            vec = np.zeros(self.input_dims[m], np.float32) if value is None else np.asarray(value, np.float32)
-            raw[m] = vec.reshape(1, 1, -1)
+            rows = [np.zeros(self.input_dims[m], np.float32) if r.modalities[m].features is None
+                    else np.asarray(r.modalities[m].features, np.float32).reshape(-1) for r in records]
+            raw[m] = np.stack(rows)[None]
         if self.normalizer is not None:
             raw = self.normalizer.transform(raw, present)
         return ComPBatch(features={m: torch.from_numpy(np.ascontiguousarray(raw[m], np.float32)).to(self.device)
                                    for m in MODALITY_ORDER},
                          present=torch.from_numpy(present).to(self.device),
-                         valid=torch.ones(1, 1, dtype=torch.bool, device=self.device))
+                         valid=torch.ones(1, len(records), dtype=torch.bool, device=self.device))
 
     @torch.inference_mode()
     def logits(self, batch: "ComPBatch") -> torch.Tensor:
         """Fused logits [C] (regression: [1]) of a one-utterance batch, at the checkpoint's stage."""
+        return self.conversation_logits(batch)[0]
+
+    @torch.inference_mode()
+    def conversation_logits(self, batch: "ComPBatch") -> torch.Tensor:
+        """Fused logits [L, C] (regression: [L, 1]) of a batch of one conversation, every utterance attending
+        over the others, at the checkpoint's stage."""
         with _single_cpu_thread(self.device):
-            return self.model(batch, stage=self.stage).logits[0, 0].float().cpu()
+            return self.model(batch, stage=self.stage).logits[0].float().cpu()
 
     def _forward(self, record: ClipRecord) -> torch.Tensor:
         return self.logits(self.batch_for(record))
