@@ -22,8 +22,8 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +44,10 @@ CHECKPOINT_NAME = "best.pt"  # what comp-train writes into a run folder
 ASR_DIAGNOSTICS = ("asr_no_speech_prob", "asr_avg_logprob", "asr_compression_ratio", "speech_ratio")
 FACE_DIAGNOSTICS = ("frames_sampled", "frames_with_face")
 EXTRACT_STAGES = ("asr", "audio", "text", "visual")  # Extraction.seconds keys that count as "extract"
+# the steps of one clip, in order, as `predict_item(progress=...)` reports them
+PREDICT_STEPS = ("decode", *EXTRACT_STAGES, "model")
+
+ProgressFn = Callable[[str, int, int], None]  # progress(step, done, total): `step` starts, `done` steps are done
 
 
 class PredictError(RuntimeError):
@@ -128,6 +132,9 @@ class ClipPrediction:
     error: str = ""
     duration_s: float | None = None
     version: str = __version__
+    # the face crops the visual extractor found (uint8 RGB [h, w, 3] each), only when asked for with
+    # predict_item(keep_faces=True); never part of the JSON
+    faces: list[np.ndarray] | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"clip": self.clip, "prediction": self.prediction, "modalities": self.modalities,
@@ -218,16 +225,31 @@ class Predictor:
             item = p if isinstance(p, ClipItem) else ClipItem(id=str(p), path=Path(p), source=str(p))
             yield self.predict_item(item)
 
-    def predict_item(self, item: ClipItem) -> ClipPrediction:
-        """Decode, extract and predict one clip, alone, so that no other clip can change its answer."""
+    def predict_item(self, item: ClipItem, *, progress: ProgressFn | None = None,
+                     keep_faces: bool = False) -> ClipPrediction:
+        """Decode, extract and predict one clip, alone, so that no other clip can change its answer.
+
+        `progress(step, done, total)` is called as each step of PREDICT_STEPS starts (done = steps finished,
+        total = len(PREDICT_STEPS)) and once at the end with ("done", total, total). `keep_faces` keeps the
+        face crops the visual extractor found in `ClipPrediction.faces` (the JSON is the same either way).
+        Not thread-safe: one clip at a time per Predictor (the extractors are wrapped while it runs)."""
         seconds = self.extraction.seconds
         before = {k: seconds.get(k, 0.0) for k in (*EXTRACT_STAGES, "decode")}
-        records = list(self.extraction.extract_paths([item]))
+        faces: list[np.ndarray] | None = [] if keep_faces else None
+        with _observed(self.extraction, progress, faces):
+            records = list(self.extraction.extract_paths([item]))
         if len(records) != 1:
             raise PredictError(f"{item.path}: extraction returned {len(records)} records for one clip")
         timings = {"decode": (seconds.get("decode", 0.0) - before["decode"]) * 1e3,
                    "extract": sum(seconds.get(k, 0.0) - before[k] for k in EXTRACT_STAGES) * 1e3}
-        return self.predict_record(records[0], clip=str(item.path), timings_ms=timings)
+        total = len(PREDICT_STEPS)
+        if progress is not None and records[0].status == "ok":
+            progress("model", total - 1, total)
+        result = self.predict_record(records[0], clip=str(item.path), timings_ms=timings)
+        result.faces = faces
+        if progress is not None:
+            progress("done", total, total)
+        return result
 
     def predict_record(self, record: ClipRecord, *, clip: str | None = None,
                        timings_ms: Mapping[str, float] | None = None,
@@ -312,6 +334,52 @@ class Predictor:
 
     def _model_report(self) -> dict[str, str]:
         return {"checkpoint": str(self.checkpoint), "spec_hash": self.spec_hash, "task": self.task}
+
+
+class _StageProbe:
+    """An extractor seen through: reports its stage as it starts, and keeps the face crops it finds."""
+
+    def __init__(self, extractor: Any, stage: str, progress: ProgressFn | None,
+                 faces: list[np.ndarray] | None) -> None:
+        self._extractor, self._stage, self._progress, self._faces = extractor, stage, progress, faces
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._extractor, name)
+
+    def extract(self, clips: Any) -> Any:
+        if self._progress is not None:
+            self._progress(self._stage, PREDICT_STEPS.index(self._stage), len(PREDICT_STEPS))
+        find = getattr(self._extractor, "_faces", None)
+        if self._faces is None or self._stage != "visual" or find is None:
+            return self._extractor.extract(clips)
+
+        def keeping(frames: np.ndarray) -> list[np.ndarray]:  # the crops the extractor itself embeds
+            crops = find(frames)
+            self._faces.extend(np.array(c) for c in crops)  # copies: the frames are freed
+            return crops
+
+        self._extractor._faces = keeping  # an instance attribute shadows the method for this call only
+        try:
+            return self._extractor.extract(clips)
+        finally:
+            del self._extractor._faces
+
+
+@contextlib.contextmanager
+def _observed(extraction: Any, progress: ProgressFn | None, faces: list[np.ndarray] | None) -> Iterator[None]:
+    """The extraction's extractors wrapped in _StageProbe while one clip runs (nothing to wrap: as is)."""
+    if progress is None and faces is None:
+        yield
+        return
+    if progress is not None:
+        progress("decode", 0, len(PREDICT_STEPS))  # decoding runs first, inside extract_paths
+    originals = dict(extraction.extractors)
+    extraction.extractors = {s: _StageProbe(e, s, progress, faces) if s in EXTRACT_STAGES else e
+                             for s, e in originals.items()}
+    try:
+        yield
+    finally:
+        extraction.extractors = originals
 
 
 @contextlib.contextmanager
