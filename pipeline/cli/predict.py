@@ -59,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     timeline.add_argument("--timeline", action="store_true",
                           help="one object per recording with a prediction per utterance (see below)")
     timeline.add_argument("--plot", metavar="PNG",
-                          help="with --timeline: draw probability per class over time, utterances shaded and "
-                               "missing modalities marked, to this PNG file (one recording only)")
+                          help="draw probability per class over time, utterances shaded and missing "
+                               "modalities marked, to this PNG file (implies --timeline; one recording only)")
     timeline.add_argument("--max-utterance", type=float, default=TimelineDefaults.max_utterance_s, metavar="S",
                           help="longest utterance in seconds; longer speech is split at its longest pause "
                                "(default: %(default)g)")

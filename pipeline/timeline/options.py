@@ -26,7 +26,7 @@ class TimelineOptions:
     max_utterance_s: float = 20.0
     min_silence_s: float = 0.5
     pad_s: float = 0.1
-    asr_block_s: float = 240.0  # 8 Whisper windows of 30 s: one encoder batch at the default batch_windows
+    asr_block_s: float = 120.0  # 4 Whisper windows of 30 s: one encoder batch (8 windows: ~0.4 GB more at peak)
     block_search_s: float = 10.0
 
     def __post_init__(self) -> None:

@@ -2,8 +2,8 @@
 
 Top: each class's probability at every utterance (a point at its middle, joined by lines; regression: the
 value), each utterance shaded over its span, an utterance that could not be predicted shaded red. Bottom:
-one row per modality, a bar over each utterance, green where the modality was present and red with a cross
-where it was missing (its reason code written in the bar when there is room). Drawn with matplotlib's
+one row per modality, a bar over each utterance, green where the modality was present and red where it was
+missing (its reason code written in the bar when there is room). Drawn with matplotlib's
 object API on an Agg canvas (no window, no global pyplot state).
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 MODALITIES = ("audio", "text", "visual")
-PRESENT, MISSING, FAILED = "#4caf50", "#e53935", "#e53935"
+PRESENT, MISSING, FAILED = "#4caf50", "#e53935", "#e53935"  # green, red, red
 
 
 def plot_timeline(result: Mapping[str, Any], out: str | Path, *, title: str | None = None) -> Path:
@@ -32,16 +32,17 @@ def plot_timeline(result: Mapping[str, Any], out: str | Path, *, title: str | No
         top.axvspan(r["start"], r["end"], color=FAILED if r.get("prediction") is None else "0.5",
                     alpha=0.25 if r.get("prediction") is None else 0.12, linewidth=0)
     mids = [(r["start"] + r["end"]) / 2 for r in rows]
-    predicted = [(m, r["prediction"]) for m, r in zip(mids, rows) if r.get("prediction")]
-    if predicted and "probs" in predicted[0][1]:
-        for name in predicted[0][1]["probs"]:
-            top.plot([m for m, _ in predicted], [p["probs"][name] for _, p in predicted], marker="o",
+    preds = [r.get("prediction") for r in rows]  # None breaks the line: nothing is drawn across a gap
+    first = next((p for p in preds if p), None)
+    if first is not None and "probs" in first:
+        for name in first["probs"]:
+            top.plot(mids, [p["probs"][name] if p else float("nan") for p in preds], marker="o",
                      markersize=3, linewidth=1.2, label=name)
         top.set_ylim(-0.02, 1.02)
         top.set_ylabel("probability")
         top.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
-    elif predicted:
-        top.plot([m for m, _ in predicted], [p["value"] for _, p in predicted], marker="o", markersize=3)
+    elif first is not None:
+        top.plot(mids, [p["value"] if p else float("nan") for p in preds], marker="o", markersize=3)
         top.set_ylabel("value")
     context = result.get("context") or {}
     top.set_title(title or f"{Path(str(result.get('clip', ''))).name}: {len(rows)} utterances, conversation "
@@ -54,7 +55,7 @@ def plot_timeline(result: Mapping[str, Any], out: str | Path, *, title: str | No
             width = r["end"] - r["start"]
             present = bool(entry.get("present"))
             bottom.broken_barh([(r["start"], width)], (y + 0.1, 0.8), facecolors=PRESENT if present else MISSING,
-                               hatch=None if present else "xx", edgecolor="white", linewidth=0.3)
+                               edgecolor="white", linewidth=0.3)
             if not present and width > duration / 40:
                 code = str(entry.get("reason", "")).split(":", 1)[0]
                 bottom.text(r["start"] + width / 2, y + 0.5, code, ha="center", va="center", fontsize=6,

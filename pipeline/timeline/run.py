@@ -118,8 +118,9 @@ def _utterances(speech: SpeechMap, options: TimelineOptions) -> tuple[list[Utter
 def _extract(predictor: "Predictor", path: Path, utterances: list[Utterance], report: Progress) -> list[ClipRecord]:
     """Each utterance extracted as a time segment of the file, in time order."""
     conversation = str(path)
-    items = [ClipItem(id=f"{i:06d}", path=path, source=str(path), conversation=conversation, position=i,
-                      start_s=u.start_s, end_s=u.end_s) for i, u in enumerate(utterances)]
+    items = [ClipItem(id=f"{path.name}@{u.start_s:.2f}-{u.end_s:.2f}", path=path, source=str(path),
+                      conversation=conversation, position=i, start_s=u.start_s, end_s=u.end_s)
+             for i, u in enumerate(utterances)]
     report("utterances", 0, len(items))
     found: dict[str, ClipRecord] = {}
 

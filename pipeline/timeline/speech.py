@@ -82,6 +82,8 @@ def find_speech(extraction: Any, path: Path, options: TimelineOptions,
         out.audio_reason = "no-audio-stream"
         return out
     total = int(math.ceil(duration)) if duration else 0
+    if progress is not None:
+        progress("asr", 0, total)
     block = int(options.asr_block_s * SAMPLE_RATE)
     start = 0  # samples from the start of the recording; always a multiple of FRAME
     envelopes: list[np.ndarray] = []
@@ -106,7 +108,9 @@ def find_speech(extraction: Any, path: Path, options: TimelineOptions,
         start += len(audio)
         if progress is not None:
             done = int(start / SAMPLE_RATE)
-            progress("asr", min(done, total) if total else done, total)
+            if total:  # the file's stated duration and the decoded samples can differ by a fraction
+                done = total if last else min(done, total)
+            progress("asr", done, total)
         if last or not len(audio):
             break
     out.envelope = np.concatenate(envelopes) if envelopes else np.zeros(0, np.float32)
