@@ -195,6 +195,24 @@ def test_clip_longer_than_the_limit_is_refused_before_extraction(predictor, clip
         assert list(_folder(client).iterdir()) == []
     assert res.status_code == 413 and "lasts 6.0 s" in res.json()["error"] and "5 s" in res.json()["error"]
     assert gated.calls == 0
+    # a timeline has its own (longer) limit, and a plain clip is not held to it
+    ran: list[Path] = []
+
+    def timeline(predictor, path, options=None, progress=None):
+        ran.append(path)
+        return {"utterances": []}
+
+    app = create_app(gated, ServeLimits(max_duration_s=10.0, max_timeline_duration_s=5.0), upload_parent=tmp_path,
+                     timeline=timeline)
+    with TestClient(app) as client:
+        res = _post(client, clips["long"], url="/predict?timeline=1")
+        assert list(_folder(client).iterdir()) == []
+    assert res.status_code == 413 and "--max-timeline-duration" in res.json()["error"] and not ran
+    app = create_app(gated, ServeLimits(max_duration_s=5.0, max_timeline_duration_s=10.0), upload_parent=tmp_path,
+                     timeline=timeline)
+    with TestClient(app) as client:
+        assert _post(client, clips["long"], url="/predict?timeline=1").status_code == 200
+    assert len(ran) == 1 and gated.calls == 0 and not ran[0].exists()
 
 
 def test_wrong_field_empty_file_and_no_multipart_say_what_to_send(predictor, trained, tmp_path):
@@ -304,3 +322,51 @@ def test_client_file_names_are_only_displayed():
     assert display_name("") == display_name("..") == display_name(None) == "upload"
     assert len(display_name("a" * 500 + ".mp4")) <= 80 and display_name("a" * 500 + ".mp4").endswith(".mp4")
     assert stored_suffix("x/../clip.MP4") == ".mp4" and stored_suffix("evil.sh") == "" and stored_suffix("a") == ""
+
+
+def test_timeline_of_a_recording_through_the_api(predictor, tmp_path):
+    """?timeline=1 runs pipeline.timeline.predict_timeline on the upload: one entry per utterance, the
+    client's name, no server path, and its own progress steps as events."""
+    recording = tmp_path / "two turns.mp4"
+    spans = media.write_conversation(recording, [media.Turn("What a lovely surprise!", look("happy", 0)),
+                                                 media.Turn("I miss her so much.", look("sad", 1), pause_s=0.5)])
+    with TestClient(create_app(predictor, ServeLimits(), upload_parent=tmp_path)) as client:
+        job = _post(client, recording, url="/jobs?timeline=1").json()
+        with client.stream("GET", job["events"]) as stream:
+            text = "".join(stream.iter_text())
+        state = client.get(job["result"]).json()
+        folder = _folder(client)
+        assert list(folder.iterdir()) == []
+    body = state["result"]
+    assert state["status"] == 200 and state["kind"] == "timeline" and body["clip"] == "two turns.mp4"
+    assert str(folder) not in json.dumps(body)
+    assert len(body["utterances"]) == len(spans)
+    for utt, (start, end) in zip(body["utterances"], spans):
+        assert utt["start"] < end and utt["end"] > start and utt["prediction"]["label"] in LABELS
+    steps = {json.loads(b.split("\n")[1].removeprefix("data: "))["step"]
+             for b in text.strip().split("\n\n") if b.startswith("event: progress")}
+    assert {"asr", "model"} <= steps
+
+
+def test_cli_listens_on_localhost_unless_told_and_passes_its_limits(monkeypatch, tmp_path, capsys):
+    import uvicorn
+
+    from pipeline.cli import serve as cli
+    from pipeline.serve.limits import MB
+
+    seen: dict = {}
+    fake = type("FakePredictor", (), {"checkpoint": "x/best.pt"})()
+    monkeypatch.setattr(Predictor, "from_checkpoint", classmethod(lambda cls, *a, **k: fake))
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(kw, app=app))
+    assert cli.main(["--model", "x", "--max-upload-mb", "1.5", "--queue", "2", "--tmp", str(tmp_path), "-q"]) == 0
+    app = seen.pop("app")
+    app.state.queue.stop()
+    app.state.folder.remove()
+    assert seen["host"] == "127.0.0.1" and seen["port"] == 8000 and seen["workers"] == 1
+    assert app.state.limits.max_upload_bytes == int(1.5 * MB) and app.state.limits.max_queued == 2
+    with pytest.raises(SystemExit) as out:
+        cli.main(["--model", "x", "--queue", "-1"])
+    assert out.value.code == 2 and "max_queued" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert cli.main(["--model", str(tmp_path / "nothing")]) == 2
+    assert "no such checkpoint" in capsys.readouterr().err
