@@ -8,8 +8,9 @@ seventh turn without a face; its true speech spans are known. The installed `com
 it in a fresh process, pinned to `--cores` with `taskset` (the target: 2 cores), while this script reads the
 process's peak resident memory (VmHWM in /proc) every second and prints it with the stage the process is in.
 
-Prints: peak RSS (MB), wall time, real-time factor (wall / recording length), the stage split the JSON
-reports, and how many true utterances were found with both boundaries within 0.3 s. The target: a 60-minute
+Prints: peak RSS (MB), wall time, real-time factor (wall / recording length), CPU time (user + system, which
+a machine busy with other work does not inflate), the stage split the JSON reports, and how many true
+utterances were found with both boundaries within 0.3 s. The target: a 60-minute
 recording within 2 GB of memory. `--timeout S` stops the run (the peak so far is still printed).
 """
 
@@ -75,6 +76,15 @@ def vm_hwm_mb(pid: int) -> float | None:
     return None
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a running process so far (/proc/<pid>/stat, clock ticks)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def matched(found: list[tuple[float, float]], truth: list[tuple[float, float]], tol: float = 0.3) -> int:
     """True spans that some found utterance starts and ends within `tol` seconds of."""
     starts = sorted(found)
@@ -132,11 +142,16 @@ def main() -> int:
         reader = threading.Thread(target=read_stderr, daemon=True)
         reader.start()
         peak, last_print = 0.0, 0.0
-        while proc.poll() is None:
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)  # rusage: the CPU time it used, all threads
+            if pid:
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                break
             peak = max(peak, vm_hwm_mb(proc.pid) or 0.0)
             now = time.perf_counter() - t0
             if now - last_print >= 30:
-                print(f"  {now:6.0f} s  peak RSS {peak:7.1f} MB  {stage['line']}", flush=True)
+                print(f"  {now:6.0f} s  peak RSS {peak:7.1f} MB  cpu {cpu_seconds(proc.pid):7.1f} s  {stage['line']}",
+                      flush=True)
                 last_print = now
             if args.timeout and now > args.timeout:
                 proc.kill()
@@ -144,6 +159,8 @@ def main() -> int:
                 return 1
             time.sleep(1.0)
         wall = time.perf_counter() - t0
+        cpu = usage.ru_utime + usage.ru_stime
+        peak = max(peak, usage.ru_maxrss / 1024)  # kB on Linux
         reader.join(timeout=5)
         if proc.returncode not in (0, 1):
             print(f"comp-predict failed (exit {proc.returncode}): {stage['line']}")
@@ -160,6 +177,8 @@ def main() -> int:
         print(f"peak RSS   {peak:.0f} MB  (comp-predict process, VmHWM)")
         print(f"wall       {wall:.0f} s on cores {args.cores or 'all'} ({args.threads} threads, {args.device}): "
               f"real-time factor {wall / duration:.3f}")
+        print(f"cpu        {cpu:.0f} s user+sys: {cpu / duration:.3f} CPU-seconds per second of recording "
+              f"(what the wall time is on dedicated cores with one thread; a busy machine inflates only the wall)")
         print(f"stages     {result['timings_s']}")
     return 0
 

@@ -321,6 +321,8 @@ class _StageBar:
             logging.getLogger("comp-predict").info("%s: %s (%d of %d)", self.name, stage, done, total)
             self.bar = tqdm(total=total or None, unit=self.UNITS.get(stage, "it"), desc=stage, leave=False,
                             dynamic_ncols=True, file=sys.stderr, disable=True if self.quiet else None)
+        else:
+            logging.getLogger("comp-predict").debug("%s: %s %d of %d", self.name, stage, done, total)
         self.bar.n = done
         self.bar.refresh()
 
