@@ -692,9 +692,20 @@ def checkpoint_meta(outcome: RunOutcome, cfg: TrainConfig, data) -> dict:
         "modalities": {m: {"dim": i.dim, "encoder": i.encoder, "layers": i.layers, "pooling": i.pooling}
                        for m, i in header.modalities.items()},
         "stage": outcome.stage,  # the forward stage the weights were selected (and are to predict) at
+        "conversations": conversation_summary(data),  # bounds the context of comp-predict --timeline
         "metrics": run_summary(outcome),
         "created_with": f"comp-mer {__version__}",
     }
+
+
+def conversation_summary(data) -> dict[str, int]:
+    """How long the store's conversations are, over its usable clips: {"conversations", "utterances",
+    "longest", "multi_utterance" (conversations of more than one utterance)}. A model trained where every
+    conversation is one utterance never learnt to use the context of others."""
+    conv = np.asarray(data.conversation)[np.asarray(data.status) == "ok"].astype(str)
+    counts = np.unique(conv, return_counts=True)[1] if conv.size else np.zeros(0, int)
+    return {"conversations": int(counts.size), "utterances": int(counts.sum()),
+            "longest": int(counts.max()) if counts.size else 0, "multi_utterance": int(np.sum(counts > 1))}
 
 
 def run_summary(outcome: RunOutcome) -> dict:

@@ -385,6 +385,90 @@ def make_clip(
     return write_clip(path, audio=samples, frames=picture, fps=fps, duration_s=duration_s)
 
 
+# --------------------------------------------------------------------------- conversations
+
+SPEECH_LEVEL = 0.01  # a sample above this (full scale 1.0) is speech when a turn's true span is measured
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One utterance of a generated conversation: espeak-ng speech, the picture shown from its start until
+    the next turn (None: `face_image()`), and the pause that follows it (seconds)."""
+
+    text: str
+    image: np.ndarray | None = None
+    pause_s: float = 1.0
+    voice: str = "en"
+    pitch: int = 50
+    speed: int = 160
+    amplitude: int = 100
+
+
+def speech_span(samples: np.ndarray, level: float = SPEECH_LEVEL) -> tuple[float, float]:
+    """(first, last) second where |samples| exceeds `level`: where espeak-ng's speech is inside its output."""
+    loud = np.flatnonzero(np.abs(samples) > level)
+    if loud.size == 0:
+        return 0.0, 0.0
+    return loud[0] / SAMPLE_RATE, (loud[-1] + 1) / SAMPLE_RATE
+
+
+def write_conversation(path: str | Path, turns: Sequence[Turn], *, lead_s: float = 0.5, fps: int = DEFAULT_FPS,
+                       audio: bool = True, size: tuple[int, int] = DEFAULT_SIZE) -> list[tuple[float, float]]:
+    """A recording of `turns` one after the other (h264 + AAC mp4; `audio=False`: video only), written as it
+    is generated, so that an hour needs no more memory than one turn. Starts with `lead_s` of silence.
+    Returns each turn's true speech span (start, end) in seconds of the file (`speech_span` of its espeak
+    output). Speech for the same text and delivery is synthesised once."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    spoken: dict[tuple, np.ndarray] = {}
+    default_face = face_image(size=size)
+    spans: list[tuple[float, float]] = []
+    chunk = SAMPLE_RATE // fps  # audio samples per video frame
+    with av.open(str(path), mode="w") as container:
+        video = container.add_stream("libx264", rate=fps)
+        first = turns[0].image if turns and turns[0].image is not None else default_face
+        height, width = _even(first.shape[0]), _even(first.shape[1])
+        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        video.options = {"preset": "ultrafast", "tune": "stillimage", "crf": "23"}
+        astream = container.add_stream("aac", rate=SAMPLE_RATE, layout="mono") if audio else None
+        n_frames = n_samples = 0
+        pending = np.zeros(0, np.float32)  # audio not yet muxed (less than one chunk)
+
+        def emit(samples: np.ndarray, image: np.ndarray) -> None:
+            nonlocal n_frames, n_samples, pending
+            pending = np.concatenate([pending, samples])
+            picture = np.ascontiguousarray(image[:height, :width])
+            while len(pending) >= chunk:
+                frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
+                frame.pts = n_frames
+                container.mux(video.encode(frame))
+                n_frames += 1
+                if astream is not None:
+                    (audio_frame,) = _audio_frames(pending[:chunk], SAMPLE_RATE, chunk)
+                    audio_frame.pts = n_samples
+                    container.mux(astream.encode(audio_frame))
+                n_samples += chunk
+                pending = pending[chunk:]
+
+        emit(silence(lead_s), first)
+        t = len(silence(lead_s)) / SAMPLE_RATE
+        for turn in turns:
+            key = (turn.text, turn.voice, turn.pitch, turn.speed, turn.amplitude)
+            if key not in spoken:
+                spoken[key] = speak(turn.text, voice=turn.voice, pitch=turn.pitch, speed=turn.speed,
+                                    amplitude=turn.amplitude)
+            samples = spoken[key]
+            a, b = speech_span(samples)
+            spans.append((t + a, t + b))
+            emit(np.concatenate([samples, silence(turn.pause_s)]),
+                 turn.image if turn.image is not None else default_face)
+            t += len(samples) / SAMPLE_RATE + len(silence(turn.pause_s)) / SAMPLE_RATE
+        container.mux(video.encode(None))
+        if astream is not None:
+            container.mux(astream.encode(None))
+    return spans
+
+
 # --------------------------------------------------------------------------- several tracks
 
 

@@ -22,8 +22,8 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +33,7 @@ import torch
 from core import __version__
 from core.clip import MODALITIES, STAGES
 from core.errors import CompError
+from core.progress import Progress
 from core.records import ClipRecord, spec_hash
 from pipeline.inputs import MEDIA_EXTENSIONS, ClipItem, discover_folder, is_media
 
@@ -44,6 +45,10 @@ log = logging.getLogger(__name__)
 CHECKPOINT_NAME = "best.pt"  # what comp-train writes into a run folder
 ASR_DIAGNOSTICS = ("asr_no_speech_prob", "asr_avg_logprob", "asr_compression_ratio", "speech_ratio")
 FACE_DIAGNOSTICS = ("frames_sampled", "frames_with_face")
+# the steps of one clip, in order, as `predict_item(progress=...)` reports them
+PREDICT_STEPS = ("decode", *STAGES, "model")
+
+ProgressFn = Progress  # progress(step, done, total): `step` starts, `done` steps are done
 
 
 class PredictError(CompError, RuntimeError):
@@ -128,6 +133,9 @@ class ClipPrediction:
     error: str = ""
     duration_s: float | None = None
     version: str = __version__
+    # the face crops the visual extractor found (uint8 RGB [h, w, 3] each), only when asked for with
+    # predict_item(keep_faces=True); never part of the JSON
+    faces: list[np.ndarray] | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"clip": self.clip, "prediction": self.prediction, "modalities": self.modalities,
@@ -218,20 +226,37 @@ class Predictor:
             item = p if isinstance(p, ClipItem) else ClipItem(id=str(p), path=Path(p), source=str(p))
             yield self.predict_item(item)
 
-    def predict_item(self, item: ClipItem) -> ClipPrediction:
-        """Decode, extract and predict one clip, alone, so that no other clip can change its answer."""
+    def predict_item(self, item: ClipItem, *, progress: ProgressFn | None = None,
+                     keep_faces: bool = False) -> ClipPrediction:
+        """Decode, extract and predict one clip, alone, so that no other clip can change its answer.
+
+        `progress(step, done, total)` is called as each step of PREDICT_STEPS starts (done = steps finished,
+        total = len(PREDICT_STEPS)) and once at the end with ("done", total, total). `keep_faces` keeps the
+        face crops the visual extractor found in `ClipPrediction.faces` (the JSON is the same either way).
+        Not thread-safe: one clip at a time per Predictor (the extractors are wrapped while it runs)."""
         seconds = self.extraction.seconds
         before = {k: seconds.get(k, 0.0) for k in (*STAGES, "decode")}
-        records = list(self.extraction.extract_paths([item]))
+        faces: list[np.ndarray] | None = [] if keep_faces else None
+        with _observed(self.extraction, progress, faces):
+            records = list(self.extraction.extract_paths([item]))
         if len(records) != 1:
             raise PredictError(f"{item.path}: extraction returned {len(records)} records for one clip")
         timings = {"decode": (seconds.get("decode", 0.0) - before["decode"]) * 1e3,
                    "extract": sum(seconds.get(k, 0.0) - before[k] for k in STAGES) * 1e3}
-        return self.predict_record(records[0], clip=str(item.path), timings_ms=timings)
+        total = len(PREDICT_STEPS)
+        if progress is not None and records[0].status == "ok":
+            progress("model", total - 1, total)
+        result = self.predict_record(records[0], clip=str(item.path), timings_ms=timings)
+        result.faces = faces
+        if progress is not None:
+            progress("done", total, total)
+        return result
 
     def predict_record(self, record: ClipRecord, *, clip: str | None = None,
-                       timings_ms: Mapping[str, float] | None = None) -> ClipPrediction:
-        """The model's answer for one extracted clip."""
+                       timings_ms: Mapping[str, float] | None = None,
+                       logits: torch.Tensor | None = None) -> ClipPrediction:
+        """The model's answer for one extracted clip. `logits` [C]: the clip's row of `conversation_logits`
+        when it was predicted within a conversation (default: predicted alone)."""
         modalities = self._modality_report(record)
         timings = {k: round(float(v), 2) for k, v in (timings_ms or {}).items()}
         base = dict(clip=clip or record.id, modalities=modalities, transcript=str(record.transcript or ""),
@@ -243,34 +268,48 @@ class Predictor:
         if not any(m["present"] for m in modalities.values()):
             return ClipPrediction(prediction=None, timings_ms=timings,
                                   error="not predicted: no modality is present in this clip", **base)
-        t0 = time.perf_counter()
-        logits = self._forward(record)
-        timings["model"] = round((time.perf_counter() - t0) * 1e3, 2)
+        if logits is None:
+            t0 = time.perf_counter()
+            logits = self._forward(record)
+            timings["model"] = round((time.perf_counter() - t0) * 1e3, 2)
         return ClipPrediction(prediction=self._decode_output(logits), timings_ms=timings, **base)
 
     def batch_for(self, record: ClipRecord) -> "ComPBatch":
         """The clip as a batch of one conversation of one utterance: normalised features, present flags."""
+        return self.batch_for_conversation([record])
+
+    def batch_for_conversation(self, records: Sequence[ClipRecord]) -> "ComPBatch":
+        """Extracted clips, in order, as a batch of one conversation of len(records) utterances
+        (features [1, L, D] normalised with the checkpoint's normalizer, present [1, L, 3], valid [1, L])."""
         from comp.batch import ComPBatch
 
-        present = np.array([[[record.modalities[m].features is not None for m in MODALITIES]]])  # [1,1,3]
+        if not records:
+            raise PredictError("a conversation needs at least one utterance")
+        present = np.array([[[r.modalities[m].features is not None for m in MODALITIES] for r in records]])
         raw = {}
         for m in MODALITIES:
-            value = record.modalities[m].features
             # an absent row is zeros *and* present=False: the mask, not the value, tells the model it is missing
-            vec = np.zeros(self.input_dims[m], np.float32) if value is None else np.asarray(value, np.float32)
-            raw[m] = vec.reshape(1, 1, -1)
+            rows = [np.zeros(self.input_dims[m], np.float32) if r.modalities[m].features is None
+                    else np.asarray(r.modalities[m].features, np.float32).reshape(-1) for r in records]
+            raw[m] = np.stack(rows)[None]
         if self.normalizer is not None:
             raw = self.normalizer.transform(raw, present)
         return ComPBatch(features={m: torch.from_numpy(np.ascontiguousarray(raw[m], np.float32)).to(self.device)
                                    for m in MODALITIES},
                          present=torch.from_numpy(present).to(self.device),
-                         valid=torch.ones(1, 1, dtype=torch.bool, device=self.device))
+                         valid=torch.ones(1, len(records), dtype=torch.bool, device=self.device))
 
     @torch.inference_mode()
     def logits(self, batch: "ComPBatch") -> torch.Tensor:
         """Fused logits [C] (regression: [1]) of a one-utterance batch, at the checkpoint's stage."""
+        return self.conversation_logits(batch)[0]
+
+    @torch.inference_mode()
+    def conversation_logits(self, batch: "ComPBatch") -> torch.Tensor:
+        """Fused logits [L, C] (regression: [L, 1]) of a batch of one conversation, every utterance attending
+        over the others, at the checkpoint's stage."""
         with _single_cpu_thread(self.device):
-            return self.model(batch, stage=self.stage).logits[0, 0].float().cpu()
+            return self.model(batch, stage=self.stage).logits[0].float().cpu()
 
     def _forward(self, record: ClipRecord) -> torch.Tensor:
         return self.logits(self.batch_for(record))
@@ -296,6 +335,52 @@ class Predictor:
 
     def _model_report(self) -> dict[str, str]:
         return {"checkpoint": str(self.checkpoint), "spec_hash": self.spec_hash, "task": self.task}
+
+
+class _StageProbe:
+    """An extractor seen through: reports its stage as it starts, and keeps the face crops it finds."""
+
+    def __init__(self, extractor: Any, stage: str, progress: ProgressFn | None,
+                 faces: list[np.ndarray] | None) -> None:
+        self._extractor, self._stage, self._progress, self._faces = extractor, stage, progress, faces
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._extractor, name)
+
+    def extract(self, clips: Any) -> Any:
+        if self._progress is not None:
+            self._progress(self._stage, PREDICT_STEPS.index(self._stage), len(PREDICT_STEPS))
+        find = getattr(self._extractor, "_faces", None)
+        if self._faces is None or self._stage != "visual" or find is None:
+            return self._extractor.extract(clips)
+
+        def keeping(frames: np.ndarray) -> list[np.ndarray]:  # the crops the extractor itself embeds
+            crops = find(frames)
+            self._faces.extend(np.array(c) for c in crops)  # copies: the frames are freed
+            return crops
+
+        self._extractor._faces = keeping  # an instance attribute shadows the method for this call only
+        try:
+            return self._extractor.extract(clips)
+        finally:
+            del self._extractor._faces
+
+
+@contextlib.contextmanager
+def _observed(extraction: Any, progress: ProgressFn | None, faces: list[np.ndarray] | None) -> Iterator[None]:
+    """The extraction's extractors wrapped in _StageProbe while one clip runs (nothing to wrap: as is)."""
+    if progress is None and faces is None:
+        yield
+        return
+    if progress is not None:
+        progress("decode", 0, len(PREDICT_STEPS))  # decoding runs first, inside extract_paths
+    originals = dict(extraction.extractors)
+    extraction.extractors = {s: _StageProbe(e, s, progress, faces) if s in STAGES else e
+                             for s, e in originals.items()}
+    try:
+        yield
+    finally:
+        extraction.extractors = originals
 
 
 @contextlib.contextmanager

