@@ -433,7 +433,9 @@ def hf_identity(ref: str, revision: str | None = None) -> dict[str, str]:
     """What pins a Hugging Face model: a local folder's content hash, or the hub commit found in the HF cache."""
     source = resolve_model(ref)
     if isinstance(source, Path):
-        return {"resolved": str(source), "model_sha256": model_sha256(source)}
+        # a packaged model is named, not located: where pip put it differs between installs, its content not
+        return {"resolved": ref if ref.startswith(PACKAGED_PREFIX) else str(source),
+                "model_sha256": model_sha256(source)}
     identity = {"resolved": str(source), "revision": revision or "main"}
     try:
         from huggingface_hub import try_to_load_from_cache

@@ -120,6 +120,18 @@ class _Decoded:
     seconds: float = 0.0  # decoding time of this clip
 
 
+def _unlocated(spec: Any) -> Any:
+    """The spec without the install paths of models pinned by their content hash ("resolved" beside
+    "model_sha256"): stores and checkpoints written before packaged models were recorded by name, or on another
+    machine, name the same weights by a different path."""
+    if isinstance(spec, Mapping):
+        pinned = "model_sha256" in spec
+        return {k: _unlocated(v) for k, v in spec.items() if not (pinned and k == "resolved")}
+    if isinstance(spec, (list, tuple)):
+        return [_unlocated(v) for v in spec]
+    return spec
+
+
 class Extraction:
     """Loaded extractors for all four stages plus the decode settings: clips in, store rows out."""
 
@@ -192,7 +204,7 @@ class Extraction:
         outdated = rules_mismatch(spec, extraction.spec)
         if outdated:
             raise ExtractionError(f"{outdated} the clips (comp-extract) and retrain")
-        if extraction.spec_hash != spec_hash(spec):
+        if extraction.spec_hash != spec_hash(spec) and _unlocated(spec) != _unlocated(extraction.spec):
             differ = [k for k in sorted(set(spec) | set(extraction.spec)) if spec.get(k) != extraction.spec.get(k)]
             details = "; ".join(f"{k}: stored {spec.get(k)!r} vs here {extraction.spec.get(k)!r}"
                                 for k in differ)

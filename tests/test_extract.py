@@ -195,6 +195,21 @@ def test_from_spec_refuses_a_spec_it_cannot_reproduce(tmp_path):
         Extraction.from_spec(spec, "cpu")
 
 
+def test_from_spec_honours_a_model_recorded_at_another_install_path(monkeypatch):
+    """A spec written where the same weights sat at another path (another virtual environment or machine, or
+    before packaged models were recorded by name) is honoured when the content hash agrees; other weights
+    (another hash) are still refused."""
+    text_cls = type(Extraction.from_config(fake_cfg(), "cpu").extractors["text"])
+    monkeypatch.setattr(text_cls, "spec", lambda self: {"encoder": self.name, "resolved": "packaged:model",
+                                                        "model_sha256": "abc"})
+    spec = Extraction.from_config(fake_cfg(), "cpu").spec
+    elsewhere = {**spec, "text": {**spec["text"], "spec": {**spec["text"]["spec"], "resolved": "/old/venv/model"}}}
+    assert Extraction.from_spec(elsewhere, "cpu").spec == spec
+    other = {**spec, "text": {**spec["text"], "spec": {**spec["text"]["spec"], "model_sha256": "def"}}}
+    with pytest.raises(ExtractionError, match="do not reproduce.*text"):
+        Extraction.from_spec(other, "cpu")
+
+
 def test_batches_group_clips_of_similar_duration(tmp_path):
     """Clips reach the models in batches sorted by duration inside the look-ahead buffer."""
     make_media(tmp_path / "in", [f"c{i}.mp4" for i in range(8)], seconds=0.5)

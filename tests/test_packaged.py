@@ -261,3 +261,25 @@ def test_model_hash_covers_weights_and_tokenizer_not_docs(tmp_path: Path) -> Non
     second = packaged.model_sha256(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"two")
     assert len({first, second, packaged.model_sha256(tmp_path)}) == 3
+
+
+def test_packaged_model_identity_does_not_depend_on_the_install_path(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same packaged weights installed in two places (two virtual environments, two machines) pin the
+    same spec; a model given by its own path keeps that path, and other weights are told apart."""
+    def model_at(folder: Path, weights: bytes) -> Path:
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+        (folder / "model.safetensors").write_bytes(weights)
+        return folder
+
+    here, there = model_at(tmp_path / "venv-a", b"w" * 64), model_at(tmp_path / "venv-b", b"w" * 64)
+    monkeypatch.setattr(packaged, "minilm_path", lambda: here)
+    first = packaged.hf_identity("packaged:all-minilm-l6-v2")
+    monkeypatch.setattr(packaged, "minilm_path", lambda: there)
+    assert packaged.hf_identity("packaged:all-minilm-l6-v2") == first
+    assert first["resolved"] == "packaged:all-minilm-l6-v2"
+    other = model_at(tmp_path / "venv-c", b"x" * 64)
+    monkeypatch.setattr(packaged, "minilm_path", lambda: other)
+    assert packaged.hf_identity("packaged:all-minilm-l6-v2") != first
+    assert packaged.hf_identity(str(here))["resolved"] == str(here.resolve())
