@@ -41,17 +41,16 @@ def test_baselines_score_the_loops_masked_test_sets(small, monkeypatch):
     """Every masked val/test set the baselines score is one the training loop scores, mask for mask."""
     calls: dict[str, list[dict]] = {"loop": [], "baselines": []}
     who = {"now": "loop"}
-    original = masks_mod.mask_conversations
+    original = masks_mod.test_mask  # both the loop's packed sets and the baselines' conversations draw here
 
-    def recording(conversations, spec, seed):
-        out, absent = original(conversations, spec, seed)
-        ids = np.concatenate([c.clip_ids for c in out]).astype(str)
-        present = np.concatenate([c.present for c in out])
+    def recording(spec, ids, natural, seed):
+        mask, absent = original(spec, ids, natural, seed)
+        ids = np.asarray(ids).astype(str)
         order = np.argsort(ids)
-        calls[who["now"]].append({"key": (spec.label, seed, tuple(ids[order])), "present": present[order]})
-        return out, absent
+        calls[who["now"]].append({"key": (spec.label, seed, tuple(ids[order])), "present": mask[order]})
+        return mask, absent
 
-    monkeypatch.setattr(masks_mod, "mask_conversations", recording)
+    monkeypatch.setattr(masks_mod, "test_mask", recording)
     cfg = TrainConfig(model=TINY, epochs=1, stage_epochs=0, batch_size=8, missing="random:0.5", seeds=2,
                       baselines=False)
     train_protocol(small, cfg)
