@@ -98,7 +98,8 @@ def page(browser, server):
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.goto(base + "/")
-    page.wait_for_function("document.getElementById('model-line').textContent.includes('classes')")
+    # a selector, not wait_for_function: polling a JS string is eval, which the page's CSP rightly forbids
+    page.wait_for_selector("#model-line:has-text('classes')")
     yield page
     assert not errors, errors  # no script error on the page
     assert all(u.startswith(base) or u.startswith("data:") for u in requests), requests  # offline: this server only

@@ -186,6 +186,7 @@ def timeline(trained) -> dict:
     """comp-predict --timeline --plot on the recording, the model's forward passes counted and the
     utterances' extracted records kept."""
     from pipeline.cli import predict as cli
+    from pipeline.cli.progress import TqdmProgress
     from pipeline.predict import Predictor
 
     lengths: list[int] = []
@@ -202,15 +203,15 @@ def timeline(trained) -> dict:
         return predict_record(self, record, **kwargs)
 
     progress: list[tuple[str, int, int]] = []
-    bar_call = cli._StageBar.__call__
+    bar_call = TqdmProgress.__call__
 
-    def seen(self, stage, done, total):
+    def seen(self, stage, done, total, detail=""):
         progress.append((stage, done, total))
-        return bar_call(self, stage, done, total)
+        return bar_call(self, stage, done, total, detail)
 
     mp.setattr(Predictor, "conversation_logits", counted)
     mp.setattr(Predictor, "predict_record", kept)
-    mp.setattr(cli._StageBar, "__call__", seen)
+    mp.setattr(TqdmProgress, "__call__", seen)
     out, plot = trained["root"] / "timeline.json", trained["root"] / "timeline.png"
     try:
         code = cli.main([str(trained["recording"]), "--model", str(trained["run"]), "--timeline", "--plot", str(plot),
