@@ -52,6 +52,17 @@ def test_random_mask_keeps_at_least_one_modality(mr):
         assert random_mask(3, n, mr, rng).any(axis=1).all()
 
 
+@pytest.mark.parametrize("mr", [0.5, 0.6, 0.7])  # rates where many utterances keep a single modality
+def test_random_mask_lets_every_modality_be_the_one_kept(mr):
+    """Every modality is drawn as the preserved (or only) one about equally often: no modality is exempt from
+    going missing, and none is never left alone."""
+    m = random_mask(3, 3000, mr, np.random.default_rng(5))
+    alone = m[m.sum(axis=1) == 1]
+    share = np.bincount(alone.argmax(axis=1), minlength=3) / len(alone)
+    np.testing.assert_allclose(share, 1 / 3, atol=0.05)
+    np.testing.assert_allclose(m.mean(axis=0), m.mean(), atol=0.05)  # each modality missing at the same rate
+
+
 def test_random_mask_mr07_is_one_hot():
     """MR 0.7 keeps exactly one modality per utterance (realised rate 2/3)."""
     m = random_mask(3, 1000, 0.7, np.random.default_rng(5))
