@@ -85,6 +85,15 @@ def _cell(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def _prediction_cells(pred: dict[str, Any] | None) -> tuple[str, str]:
+    """The table's prediction and p cells: label and its probability, a regression value, or dashes."""
+    if pred is None:
+        return "-", "-"
+    if "label" in pred:
+        return pred["label"], f"{pred['probs'][pred['label']]:.2f}"
+    return f"{pred['value']:.3f}", ""
+
+
 def _modality_cell(entry: dict[str, Any], error: str = "") -> str:
     """"yes", or "no: " + the reason; a reason the error column already spells out shows its code only."""
     if entry.get("present"):
@@ -123,13 +132,7 @@ def format_table(results: Sequence[dict[str, Any]], names: Sequence[str] | None 
         header.append("error")
     rows = []
     for name, r in zip(names, results):
-        pred = r.get("prediction")
-        if pred is None:
-            label, conf = "-", "-"
-        elif "label" in pred:
-            label, conf = pred["label"], f"{pred['probs'][pred['label']]:.2f}"
-        else:
-            label, conf = f"{pred['value']:.3f}", ""
+        label, conf = _prediction_cells(r.get("prediction"))
         mods, error = r["modalities"], str(r.get("error", ""))
         row = [name, label, conf, *(_modality_cell(mods[m], error) for m in MODALITIES),
                r.get("transcript", "")]
@@ -155,22 +158,16 @@ def format_timeline_table(result: dict[str, Any]) -> str:
             f"context {'used' if context.get('used') else 'not used'}: {context.get('why', '')}")
     if result.get("error"):
         return f"{result['clip']}: not predicted: {result['error']}"
-    header = ["start", "end", "prediction", "p", "audio", "text", "visual", "transcript"]
+    header = ["start", "end", "prediction", "p", *MODALITIES, "transcript"]
     errors = any(r.get("prediction") is None for r in rows)
     if errors:
         header.append("error")
     body = []
     for r in rows:
-        pred = r.get("prediction")
-        if pred is None:
-            label, conf = "-", "-"
-        elif "label" in pred:
-            label, conf = pred["label"], f"{pred['probs'][pred['label']]:.2f}"
-        else:
-            label, conf = f"{pred['value']:.3f}", ""
+        label, conf = _prediction_cells(r.get("prediction"))
         error = str(r.get("error", ""))
         row = [f"{r['start']:.2f}", f"{r['end']:.2f}", label, conf,
-               *(_modality_cell(r["modalities"][m], error) for m in ("audio", "text", "visual")),
+               *(_modality_cell(r["modalities"][m], error) for m in MODALITIES),
                r.get("transcript", "")]
         if errors:
             row.append(error)
