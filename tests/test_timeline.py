@@ -84,6 +84,60 @@ def test_fixed_pieces_only_for_recordings_without_audio():
     assert _spans(fixed_utterances(3.0, 10.0)) == [(0.0, 3.0)]
 
 
+class _BlockASR:
+    """An ASR stand-in that records the audio it is handed and reports as speech every 10 ms louder than
+    -26 dBFS, in the block's own time (as the real extractor does)."""
+
+    def __init__(self) -> None:
+        self.blocks: list[int] = []  # samples per block, in order
+
+    def extract(self, clips):
+        from extractors.asr import RESULT_KEY, ASRResult
+
+        for clip in clips:
+            self.blocks.append(len(clip.audio))
+            frame = 160
+            n = len(clip.audio) // frame
+            loud = np.sqrt(np.mean(clip.audio[: n * frame].reshape(n, frame) ** 2, axis=1)) > 0.05
+            edges = np.flatnonzero(np.diff(np.concatenate([[0], loud.astype(np.int8), [0]])))
+            clip.shared[RESULT_KEY] = ASRResult(speech=[(a * 0.01, b * 0.01) for a, b in edges.reshape(-1, 2)])
+        return [None] * len(clips)
+
+
+def test_a_long_recording_is_transcribed_block_by_block_and_nothing_is_lost_between_blocks(tmp_path):
+    """What keeps an hour within memory: the audio reaches the ASR in blocks of at most asr_block_s, cut in
+    pauses, back to back; speech found in a block lands at its time in the recording."""
+    from types import SimpleNamespace
+
+    from core.clip import SAMPLE_RATE
+    from pipeline.timeline.speech import find_speech
+
+    rng = np.random.default_rng(3)
+    truth, parts, t = [], [], 0.0
+    while t < 150.0:  # bursts of 1.2-2.5 s of tone between pauses of 0.6-1.4 s, AAC in an m4a
+        pause, burst = rng.uniform(0.6, 1.4), rng.uniform(1.2, 2.5)
+        parts.append(media.noise(pause, level=0.002, seed=len(parts)))
+        tone = np.arange(int(burst * SAMPLE_RATE)) / SAMPLE_RATE
+        parts.append((0.3 * np.sin(2 * np.pi * 220 * tone)).astype(np.float32))
+        truth.append((t + pause, t + pause + burst))
+        t += pause + burst
+    parts.append(media.silence(1.0))
+    audio = np.concatenate(parts)
+    path = media.write_clip(tmp_path / "long.m4a", audio=audio, frames=None)
+    asr = _BlockASR()
+    got = find_speech(SimpleNamespace(extractors={"asr": asr}), path,
+                      TimelineOptions(asr_block_s=60.0, block_search_s=10.0))
+
+    assert len(asr.blocks) == 3 and max(asr.blocks) <= 60 * SAMPLE_RATE
+    assert abs(sum(asr.blocks) - len(audio)) <= 0.05 * SAMPLE_RATE  # back to back, none decoded twice
+    assert len(got.envelope) == pytest.approx(len(audio) / SAMPLE_RATE / ENVELOPE_S, abs=2)
+    cuts = np.cumsum(asr.blocks[:-1]) / SAMPLE_RATE
+    assert not any(a - 0.05 < c < b + 0.05 for c in cuts for a, b in truth)  # no burst is cut in two
+    assert len(got.speech) == len(truth)
+    for (a, b), (fa, fb) in zip(truth, got.speech):
+        assert abs(fa - a) < 0.05 and abs(fb - b) < 0.05
+
+
 def test_options_reject_unknown_keys_and_bad_values():
     assert TimelineOptions.from_mapping({"max_utterance_s": 12}).max_utterance_s == 12.0
     with pytest.raises(ConfigError, match="unknown key.*max_utterance"):
