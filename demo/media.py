@@ -338,6 +338,44 @@ def write_clip(
     return path
 
 
+class _WriteOnly:
+    """A sink that cannot seek: what a muxer writing to a network or a browser's recorder sees."""
+
+    def __init__(self, fh) -> None:
+        self._fh = fh
+
+    def write(self, data: bytes) -> int:
+        return self._fh.write(data)
+
+
+def write_streamed_webm(path: str | Path, *, audio: np.ndarray, image: np.ndarray, fps: int = DEFAULT_FPS,
+                        sample_rate: int = SAMPLE_RATE) -> Path:
+    """A WebM as a browser's MediaRecorder writes it: VP8 + Opus muxed to a sink that cannot seek back, so
+    neither the header nor any stream states a duration (only the packets' times tell how long it is).
+    `audio` is mono float32 at `sample_rate` and sets the length; `image` (RGB) is shown throughout."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    audio = np.asarray(audio, dtype=np.float32).reshape(-1)
+    n_frames = max(1, int(round(len(audio) / sample_rate * fps)))
+    height, width = _even(image.shape[0]), _even(image.shape[1])
+    picture = np.ascontiguousarray(image[:height, :width])
+    with open(path, "wb") as fh, av.open(_WriteOnly(fh), mode="w", format="webm") as container:
+        video = container.add_stream("libvpx", rate=fps)
+        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        sound = container.add_stream("libopus", rate=sample_rate, layout="mono")
+        chunks = _audio_frames(audio, sample_rate, -(-sample_rate // fps))
+        for i in range(max(n_frames, len(chunks))):
+            if i < n_frames:
+                frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
+                frame.pts = i
+                container.mux(video.encode(frame))
+            if i < len(chunks):
+                container.mux(sound.encode(chunks[i]))
+        container.mux(video.encode(None))
+        container.mux(sound.encode(None))
+    return path
+
+
 AudioKind = Literal["speech", "silent", "noise"]
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from trained_model import LABELS, look
+from trained_model import LABELS, TRAIN_TEXT, look
 
 from demo import media
 from pipeline.inputs import ClipItem
@@ -214,6 +214,25 @@ def test_clip_longer_than_the_limit_is_refused_before_extraction(predictor, clip
     with TestClient(app) as client:
         assert _post(client, clips["long"], url="/predict?timeline=1").status_code == 200
     assert len(ran) == 1 and gated.calls == 0 and not ran[0].exists()
+
+
+def test_a_recording_whose_header_states_no_duration_is_timed_by_its_packets(predictor, tmp_path):
+    """A browser's MediaRecorder WebM states no duration: its length is read from the packets, so the limit
+    still holds (413 before any model runs) and a clip within it is predicted whole."""
+    speech = media.speak(TRAIN_TEXT["happy"][0], pitch=75, speed=185, amplitude=130)
+    audio = np.concatenate([speech, media.silence(6.0 - len(speech) / 16000)])
+    clip = media.write_streamed_webm(tmp_path / "recorded.webm", audio=audio, image=look("happy", 0))
+    gated = Gated(predictor)
+    with _client(gated, tmp_path, max_duration_s=5.0) as client:
+        res = _post(client, clip)
+        assert list(_folder(client).iterdir()) == []
+    assert res.status_code == 413 and "lasts more than 5 s" in res.json()["error"] and gated.calls == 0
+    with _client(predictor, tmp_path, max_duration_s=10.0) as client:
+        res = _post(client, clip)
+    assert res.status_code == 200, res.text
+    body = res.json()
+    assert body["duration_s"] == pytest.approx(6.0, abs=0.1)
+    assert body["modalities"]["audio"]["present"] and body["modalities"]["text"]["present"]
 
 
 def test_wrong_field_empty_file_and_no_multipart_say_what_to_send(predictor, trained, tmp_path):

@@ -44,7 +44,8 @@ def check_clip(path: str | Path, filename: str, *, max_duration_s: float, limit_
     if not info["has_audio"] and not info["has_video"]:
         raise UploadError(415, f"{filename}: holds no audio or video stream ({info['format']})")
     duration = info["duration_s"]
-    if not duration:
+    stated = bool(duration)
+    if not stated:  # packets are read only up to the limit, so past it the length is "more than the limit"
         try:
             duration = demuxed_duration(path, max_duration_s)
         except (av.FFmpegError, OSError, ValueError) as err:
@@ -52,7 +53,7 @@ def check_clip(path: str | Path, filename: str, *, max_duration_s: float, limit_
     if duration is None:
         raise UploadError(422, f"{filename}: cannot tell how long it lasts (no duration and no timed packets)")
     if duration > max_duration_s:
-        raise UploadError(413, f"{filename} lasts {duration:.1f} s; this server accepts up to {max_duration_s:g} s "
-                               f"({limit_flag})")
+        length = f"lasts {duration:.1f} s" if stated else f"lasts more than {max_duration_s:g} s (timed by its packets)"
+        raise UploadError(413, f"{filename} {length}; this server accepts up to {max_duration_s:g} s ({limit_flag})")
     info["duration_s"] = float(duration)
     return info
