@@ -40,3 +40,20 @@ def test_on_a_terminal_a_new_task_replaces_the_bar():
     assert progress._bar is not first and first.disable  # the old bar was closed
     progress("run a epoch 2/2", 10, 10)
     assert progress._bar is None  # a finished count clears its bar
+
+
+def test_a_long_job_in_a_pipe_echoes_which_step_it_is_in_past_a_quiet_console(caplog, capsys):
+    """comp-predict's console shows warnings only: a timeline off a terminal still prints its progress, each
+    line naming the step and its unit, and -q (enabled=False) silences it."""
+    progress = TqdmProgress("step", units={"asr": "s", "utterances": "utt"}, log_every_s=3600.0, echo="tool: ")
+    quiet = TqdmProgress("step", units={"asr": "s"}, log_every_s=0.0, echo="tool: ", enabled=False)
+    progress.tty = quiet.tty = False
+    with caplog.at_level(logging.INFO, logger="pipeline.cli.progress"):
+        for done in range(0, 121, 30):
+            progress("asr", done, 120)
+            quiet("asr", done, 120)
+        for done in range(4):
+            progress("utterances", done, 3)
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(",")[0] for line in lines] == ["tool: asr: 120/120 s", "tool: utterances: 3/3 utts"]
+    assert caplog.records == []  # echoed, not logged

@@ -23,6 +23,7 @@ from pipeline.cli.progress import TqdmProgress
 from pipeline.timeline.options import TimelineOptions as TimelineDefaults
 
 PROGRESS_FROM = 4  # clips: below this a bar is more noise than help
+TIMELINE_LOG_EVERY_S = 30.0  # off a terminal, a timeline's progress line at most this often
 TIMELINE_UNITS = {"asr": "s", "utterances": "utt", "model": "window", "decode": "file"}  # per timeline stage
 
 EPILOG = """examples:
@@ -271,7 +272,8 @@ def _run_timeline(args: argparse.Namespace, predictor: Any, clips: Sequence[Any]
     failed = 0
     try:
         for k, item in enumerate(clips):
-            bar = TqdmProgress("step", enabled=not args.quiet, units=TIMELINE_UNITS)
+            bar = TqdmProgress("step", enabled=not args.quiet, units=TIMELINE_UNITS, log_every_s=TIMELINE_LOG_EVERY_S,
+                               echo="comp-predict: ")
             try:
                 result = predict_timeline(predictor, item.path, options=options, progress=bar)
             except TimelineError as err:

@@ -23,15 +23,18 @@ class TqdmProgress:
     enabled: False draws and logs nothing (-q).
     min_total: counts smaller than this get no bar (a bar for two clips is noise).
     log_every_s: off a terminal, log "done/total unit(s), rate/s" at most this often (None: stay silent).
+    echo: off a terminal, write those lines to stderr after this prefix instead of logging them at INFO (for
+    a CLI whose console shows only warnings, so that a long job in a pipe or a file still shows life).
     """
 
     def __init__(self, unit: str, *, units: Mapping[str, str] | None = None, enabled: bool = True,
-                 min_total: int = 0, log_every_s: float | None = None) -> None:
+                 min_total: int = 0, log_every_s: float | None = None, echo: str | None = None) -> None:
         self.default_unit = self.unit = unit
         self.units = dict(units or {})
         self.enabled = enabled
         self.min_total = min_total
         self.log_every_s = log_every_s
+        self.echo = echo
         self.tty = sys.stderr.isatty()
         self._bar = None
         self._task: str | None = None
@@ -66,7 +69,14 @@ class TqdmProgress:
         if done == total or now - self._last_log >= self.log_every_s:
             self._last_log = now
             rate = done / (now - self._start) if now > self._start else 0.0
-            log.info("%d/%d %ss, %.2f %ss/s", done, total, self.unit, rate, self.unit)
+            units = self.unit if len(self.unit) == 1 else f"{self.unit}s"  # "s" (seconds) has no plural
+            line = f"{done}/{total} {units}, {rate:.2f} {units}/s"
+            if self.units:  # tasks count different things: say which task this is
+                line = f"{self._task}: {line}"
+            if self.echo is None:
+                log.info("%s", line)
+            else:
+                print(f"{self.echo}{line}", file=sys.stderr, flush=True)
 
     def lifted(self, stream: IO[str]) -> contextlib.AbstractContextManager:
         """A context in which writing to `stream` does not garble the bar (it is lifted and redrawn)."""
