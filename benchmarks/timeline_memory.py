@@ -49,13 +49,16 @@ def generate(path: Path, minutes: float, seed: int = 0) -> list[tuple[float, flo
     rng = random.Random(seed)
     faces = [media.face_image("astronaut"), media.face_image("lfw", index=1), media.face_image("lfw", index=5)]
     no_face = media.no_face_image()
+    lengths: dict[tuple[str, int], float] = {}  # seconds of each sentence in each delivery, synthesised once
     turns, total = [], 0.5
     while total < minutes * 60:
         k = len(turns)
         pause = round(rng.uniform(0.6, 2.0), 2)
         text = rng.choice(SENTENCES)
+        if (text, k % 2) not in lengths:
+            lengths[text, k % 2] = len(media.speak(text, **DELIVERIES[k % 2])) / media.SAMPLE_RATE
         turns.append(media.Turn(text, no_face if k % 7 == 6 else faces[k % 3], pause, **DELIVERIES[k % 2]))
-        total += 0.09 * len(text) + pause  # rough length, refined by the file itself
+        total += lengths[text, k % 2] + pause
     return media.write_conversation(path, turns, fps=5)
 
 
