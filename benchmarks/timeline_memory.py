@@ -8,7 +8,7 @@ seventh turn without a face; its true speech spans are known. The installed `com
 it in a fresh process, pinned to `--cores` with `taskset` (the target: 2 cores), while this script reads the
 process's peak resident memory (VmHWM in /proc) every second and prints it with the stage the process is in.
 
-Prints: peak RSS (MB), wall time, real-time factor (wall / recording length), CPU time (user + system, which
+Prints: peak RSS (MiB), wall time, real-time factor (wall / recording length), CPU time (user + system, which
 a machine busy with other work does not inflate), the stage split the JSON reports, and how many true
 utterances were found with both boundaries within 0.3 s. The target: a 60-minute
 recording within 2 GB of memory. `--timeout S` stops the run (the peak so far is still printed).
@@ -153,12 +153,12 @@ def main() -> int:
             peak = max(peak, vm_hwm_mb(proc.pid) or 0.0)
             now = time.perf_counter() - t0
             if now - last_print >= 30:
-                print(f"  {now:6.0f} s  peak RSS {peak:7.1f} MB  cpu {cpu_seconds(proc.pid):7.1f} s  {stage['line']}",
+                print(f"  {now:6.0f} s  peak RSS {peak:7.1f} MiB  cpu {cpu_seconds(proc.pid):7.1f} s  {stage['line']}",
                       flush=True)
                 last_print = now
             if args.timeout and now > args.timeout:
                 proc.kill()
-                print(f"stopped after {now:.0f} s (--timeout); peak RSS so far {peak:.1f} MB")
+                print(f"stopped after {now:.0f} s (--timeout); peak RSS so far {peak:.1f} MiB")
                 return 1
             time.sleep(1.0)
         wall = time.perf_counter() - t0
@@ -177,7 +177,7 @@ def main() -> int:
               f"with both boundaries within 0.3 s")
         print(f"context    used={result['context']['used']} windows={result['context']['windows']} "
               f"max_len={result['context']['max_len']}")
-        print(f"peak RSS   {peak:.0f} MB  (comp-predict process, VmHWM)")
+        print(f"peak RSS   {peak:.0f} MiB  (comp-predict process, VmHWM)")
         print(f"wall       {wall:.0f} s on cores {args.cores or 'all'} ({args.threads} threads, {args.device}): "
               f"real-time factor {wall / duration:.3f}")
         print(f"cpu        {cpu:.0f} s user+sys: {cpu / duration:.3f} CPU-seconds per second of recording "
