@@ -324,7 +324,7 @@ def test_packing_with_a_normaliser_indexes_the_features_and_gives_the_copied_bat
 def test_masked_packed_sets_equal_masked_conversations(tmp_path):
     """The fixed test masks as presence flags (mask_packed) give bitwise the batches of masking copies of
     the conversations (mask_conversations), removed features zeroed."""
-    absent = {"b_001": ("text",), "a_000": ("audio",)}
+    absent = {"b_001": ("text",), "a_000": ("audio",), "c_002": ("audio", "text", "visual")}
     convs = build_conversations(make_store(tmp_path, {"a": 2, "b": 5, "c": 3}, absent=absent))
     norm = Normalizer.fit(convs)
     packed = pack(convs, norm)
@@ -334,3 +334,6 @@ def test_masked_packed_sets_equal_masked_conversations(tmp_path):
         assert absent_count == expected
         assert masked.features["audio"] is packed.features["audio"]
         _batches_equal(iterate_batches(masked, 2, False), iterate_batches(copies, 2, False))
+    # natural: nothing is masked, and the utterance recorded with no modality at all is counted
+    masked, absent_count = mask_packed(packed, parse_missing("natural"), seed=3)
+    assert masked is packed and absent_count == mask_conversations(convs, parse_missing("natural"), seed=3)[1] == 1

@@ -49,7 +49,19 @@ def test_random_mask_keeps_at_least_one_modality(mr):
     """Every row keeps at least one modality, on large and on tiny inputs."""
     rng = np.random.default_rng(0)
     for n in (1, 5, 31, 33, 500):
-        assert random_mask(3, n, mr, rng).any(axis=1).all()
+        m = random_mask(3, n, mr, rng)
+        assert m.shape == (n, 3) and m.any(axis=1).all()  # (an empty mask would pass .all() vacuously)
+
+
+def test_random_mask_with_two_modalities_and_its_limits():
+    """Two views work like three (a bimodal store); fewer than two views, or MR 1, are refused."""
+    m = random_mask(2, 400, 0.3, np.random.default_rng(2))
+    assert m.shape == (400, 2) and m.any(axis=1).all() and abs(1 - m.mean() - 0.3) <= 0.01
+    assert (m.sum(axis=1) == 1).any() and (m.sum(axis=1) == 2).any()
+    with pytest.raises(ValueError):
+        random_mask(1, 10, 0.3, np.random.default_rng(0))
+    with pytest.raises(ValueError):
+        random_mask(3, 10, 1.0, np.random.default_rng(0))
 
 
 @pytest.mark.parametrize("mr", [0.5, 0.6, 0.7])  # rates where many utterances keep a single modality
@@ -92,8 +104,14 @@ def test_parse_missing_accepts_the_three_forms():
     assert parse_missing("natural") == MissingSpec("natural")
     assert parse_missing("random:0.3") == MissingSpec("random", rate=0.3)
     assert parse_missing("random:0.3").label == "random:0.3"
+    assert parse_missing("random:0").rate == 0.0 and parse_missing("random:0.7").rate == 0.7  # both ends
     assert parse_missing("fixed:ta").label == "fixed:at"
     assert [s.label for s in parse_missing("fixed:a,tv,atv").runs()] == ["fixed:a", "fixed:tv", "fixed:atv"]
+    # one trained model per condition: two conditions split too, one-condition and other specs stay whole
+    assert parse_missing("fixed:a,tv").runs() == [MissingSpec("fixed", conditions=("a",)),
+                                                  MissingSpec("fixed", conditions=("tv",))]
+    for whole in ("fixed:av", "random:0.3", "natural"):
+        assert parse_missing(whole).runs() == [parse_missing(whole)]
 
 
 @pytest.mark.parametrize("bad", ["", "random", "random:0.8", "random:-0.1", "random:x", "fixed:", "fixed:q",
@@ -196,6 +214,19 @@ def test_mask_batch_draws_on_real_utterances_and_respects_natural_flags():
     full = valid.clone()
     full[0] = False
     assert abs(1 - p[full].float().mean().item() - 0.3) < 0.02
+
+
+def test_mask_batch_counts_real_utterances_left_with_no_modality_never_padding():
+    """The all-absent count (logged and reported per run) is over real utterances only: padding, which has
+    no modality by construction, never counts; natural flags alone give the utterances recorded empty."""
+    batch = _batch([6, 3, 5])
+    batch.batch.present[1, :2] = False  # two real utterances recorded with nothing
+    _, natural_count = mask_batch(batch, parse_missing("natural"), np.random.default_rng(0))
+    assert natural_count == 2
+    masked, count = mask_batch(batch, parse_missing("random:0.7"), np.random.default_rng(0))
+    p, valid = masked.batch.present, batch.batch.valid
+    assert count == int((valid & ~p.any(dim=-1)).sum()) >= 2
+    assert int((~valid & ~p.any(dim=-1)).sum()) > 0  # padding has nothing, and is not counted
 
 
 def test_mask_batch_redraws_per_batch():
