@@ -286,6 +286,39 @@ def test_full_queue_answers_503_with_retry_after_and_models_never_run_concurrent
     assert len(labels) == 1  # the same clip, the same answer, whichever came first
 
 
+def test_a_job_seen_finished_has_already_given_back_its_place(tmp_path):
+    """A client that sees its job finished (the done event, GET /jobs/{id}) and sends the next clip at once
+    finds its place free: the worker frees it before the job says it is finished."""
+    from pipeline.serve.jobs import Job, JobQueue, Outcome, QueueFull
+    from pipeline.serve.uploads import Upload
+
+    seen: list[tuple[str, int]] = []
+    queue = JobQueue(lambda job: Outcome(200, {}), max_queued=1, keep_results=4)
+    emit = Job.emit
+
+    def watched(self, event, data):
+        if event == "done":
+            seen.append((self.state, queue.load()["running"]))
+        return emit(self, event, data)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(Job, "emit", watched)
+    try:
+        for k in range(3):
+            queue.reserve()
+            job = Job(kind="clip", upload=Upload(tmp_path / f"{k}.mp4", f"{k}.mp4", 0), info={})
+            queue.submit(job)
+            assert job.finished.wait(10)
+        queue.reserve()  # one running place and max_queued=1 waiting: two places once the worker is idle
+        queue.reserve()
+        with pytest.raises(QueueFull):
+            queue.reserve()
+    finally:
+        mp.undo()
+        queue.stop()
+    assert seen == [("done", 0)] * 3
+
+
 def test_job_events_report_each_step_and_the_result_carries_face_crops(predictor, clips, tmp_path):
     with _client(predictor, tmp_path) as client:
         job = _post(client, clips["noaudio"], url="/jobs").json()

@@ -143,11 +143,11 @@ class JobQueue:
             finally:
                 job.upload.delete()  # the upload never outlives its job
             job.outcome = outcome
-            job.state = "done" if outcome.status < 400 else "failed"
-            job.emit("done", {"state": job.state, "status": outcome.status})
-            with self._cond:
+            with self._cond:  # the place is free before anyone can see the job finished and send the next
                 self._running = None
+                job.state = "done" if outcome.status < 400 else "failed"
                 self._forget_old()
+            job.emit("done", {"state": job.state, "status": outcome.status})
             job.finished.set()
 
     def _forget_old(self) -> None:
