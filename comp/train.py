@@ -693,6 +693,7 @@ def checkpoint_meta(outcome: RunOutcome, cfg: TrainConfig, data) -> dict:
                        for m, i in header.modalities.items()},
         "stage": outcome.stage,  # the forward stage the weights were selected (and are to predict) at
         "conversations": conversation_summary(data),  # bounds the context of comp-predict --timeline
+        "clips": clip_summary(data),  # how much non-speech its clips held: the timeline extracts alike
         "metrics": run_summary(outcome),
         "created_with": f"comp-mer {__version__}",
     }
@@ -706,6 +707,25 @@ def conversation_summary(data) -> dict[str, int]:
     counts = np.unique(conv, return_counts=True)[1] if conv.size else np.zeros(0, int)
     return {"conversations": int(counts.size), "utterances": int(counts.sum()),
             "longest": int(counts.max()) if counts.size else 0, "multi_utterance": int(np.sum(counts > 1))}
+
+
+def clip_summary(data) -> dict[str, float | int]:
+    """What the store's usable clips were like around their speech: {"clips", "median_duration_s",
+    "median_non_speech_s" (clip length minus the VAD's speech seconds, from the `speech_ratio` diagnostic;
+    omitted when the store has none)}. Audio features pool the whole clip, silence included, so a model
+    trained on clips with a second of silence around the speech reads tight utterance cuts differently."""
+    ok = np.asarray(data.status) == "ok"
+    duration = np.asarray(data.duration_s, dtype=float)[ok]
+    out: dict[str, float | int] = {"clips": int(ok.sum())}
+    if np.isfinite(duration).any():
+        out["median_duration_s"] = round(float(np.nanmedian(duration)), 3)
+    ratio = data.diagnostics.get("speech_ratio")
+    if ratio is not None:
+        ratio = np.asarray(ratio, dtype=float)[ok]
+        usable = np.isfinite(ratio) & (ratio > 0) & np.isfinite(duration)
+        if usable.any():
+            out["median_non_speech_s"] = round(float(np.median(duration[usable] * (1 - ratio[usable]))), 3)
+    return out
 
 
 def run_summary(outcome: RunOutcome) -> dict:

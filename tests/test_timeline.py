@@ -20,7 +20,7 @@ from core.errors import ConfigError
 from demo import media
 from pipeline.timeline.context import plan_context, sliding_windows, window_owner
 from pipeline.timeline.options import TimelineOptions
-from pipeline.timeline.segment import ENVELOPE_S, cut_utterances, fixed_utterances
+from pipeline.timeline.segment import ENVELOPE_S, Utterance, cut_utterances, fixed_utterances, margin_for, widen
 
 OPTS = TimelineOptions(max_utterance_s=20.0, min_silence_s=0.5, pad_s=0.0)
 
@@ -76,6 +76,40 @@ def test_padding_never_reaches_past_the_middle_of_a_pause_nor_the_recording():
     opts = TimelineOptions(pad_s=0.5, min_silence_s=0.5)
     got = cut_utterances([(0.2, 2.0), (2.6, 4.0), (9.0, 9.9)], [], _envelope(10), 10.0, opts)
     assert _spans(got) == [(0.0, 2.3), (2.3, 4.5), (8.5, 10.0)]
+
+
+def test_the_margin_follows_the_training_clips_and_never_reaches_a_neighbour():
+    """Audio features pool silence too, so each utterance is extracted with as much recording around its
+    speech as the model's training clips had (half their median non-speech time a side), never past the
+    middle of the pause to a neighbour, nor outside the recording; the reported boundaries do not move."""
+    opts = TimelineOptions()  # pad 0.1 s
+    meta = {"clips": {"clips": 1440, "median_non_speech_s": 1.8}}
+    assert margin_for(meta, opts)[0] == 0.9 and "training clips" in margin_for(meta, opts)[1]
+    assert margin_for({"clips": {"median_non_speech_s": 9.0}}, opts)[0] == 1.5  # capped
+    assert margin_for({"clips": {"median_non_speech_s": 0.05}}, opts)[0] == opts.pad_s  # never under the pad
+    assert margin_for({}, opts) == (opts.pad_s, margin_for({}, opts)[1])  # older checkpoints: the pad alone
+    assert margin_for(meta, TimelineOptions(margin_s=0.3))[0] == 0.3  # the caller's choice wins
+    with pytest.raises(ConfigError):
+        TimelineOptions(margin_s=2.0)
+    utts = [Utterance(1.0, 2.0, "pause"), Utterance(2.4, 5.0, "split-pause"), Utterance(5.0, 6.0, "pause"),
+            Utterance(9.0, 9.8, "pause")]
+    got = widen(utts, margin_s=1.0, pad_s=0.1, duration_s=10.0)
+    # 0.9 s more a side, but: 0 at the start; the middle of 2.0-2.4 between the first two; the shared 5.0
+    # of a split; the middle of 6.0-9.0; the end of the recording
+    assert got == [(0.1, 2.2), (2.2, 5.0), (5.0, 6.9), (8.1, 10.0)]
+    assert widen(utts, margin_s=0.1, pad_s=0.1, duration_s=10.0) == [(u.start_s, u.end_s) for u in utts]
+
+
+def test_training_records_how_much_silence_its_clips_held():
+    from types import SimpleNamespace
+
+    from comp.train import clip_summary
+
+    data = SimpleNamespace(status=np.array(["ok", "ok", "ok", "error"]), duration_s=np.array([4.0, 3.0, 2.0, 9.0]),
+                           diagnostics={"speech_ratio": np.array([0.5, 0.0, 0.75, 0.1])})
+    # 2.0 and 0.5 s of non-speech (a clip with no speech heard and an error row left out)
+    assert clip_summary(data) == {"clips": 3, "median_duration_s": 3.0, "median_non_speech_s": 1.25}
+    assert "median_non_speech_s" not in clip_summary(SimpleNamespace(**{**vars(data), "diagnostics": {}}))
 
 
 def test_fixed_pieces_only_for_recordings_without_audio():
@@ -318,10 +352,26 @@ def test_a_model_trained_on_conversations_predicts_the_recording_as_one_in_windo
 
 
 @pytest.mark.slow
+def test_utterances_are_extracted_with_the_margin_their_training_clips_had(trained, timeline):
+    from comp.checkpoint import load_checkpoint
+
+    _, meta = load_checkpoint(trained["run"] / "best.pt")
+    seg = timeline["result"]["segmentation"]
+    assert seg["margin_s"] == margin_for(meta, TimelineOptions())[0] and "training clips" in seg["margin_why"]
+    assert meta["clips"]["clips"] == 8 and meta["clips"]["median_non_speech_s"] > 0
+    # the records the model saw are longer than the reported utterances by that margin, where there was room
+    durations = [r.duration_s for r in timeline["records"]]
+    reported = [u["end"] - u["start"] for u in timeline["result"]["utterances"]]
+    assert all(d >= r - 0.05 for d, r in zip(durations, reported)) and sum(durations) > sum(reported) + 0.5
+
+
+@pytest.mark.slow
 def test_a_missing_modality_is_reported_with_its_reason(timeline):
     rows = timeline["result"]["utterances"]
     faceless = rows[2]
-    assert faceless["modalities"]["visual"] == {"present": False, "reason": "no-face"}
+    # no face in the turn; its margin may hold a frame of the previous speaker's face, too few to count
+    assert not faceless["modalities"]["visual"]["present"]
+    assert faceless["modalities"]["visual"]["reason"].startswith(("no-face", "too-few-face-frames"))
     assert faceless["modalities"]["audio"]["present"] and faceless["modalities"]["text"]["present"]
     assert faceless["prediction"] is not None and "error" not in faceless
     assert all(u["modalities"]["visual"]["present"] for k, u in enumerate(rows) if k != 2)
@@ -340,7 +390,7 @@ def test_cli_json_table_and_plot(timeline):
     assert table[1].split()[:4] == ["start", "end", "prediction", "p"]
     body = table[3:]
     assert len(body) == 5
-    assert "no: no-face" in body[2]
+    assert "no: no-face" in body[2] or "no: too-few-face-frames" in body[2]
     assert body[0].split()[:3] == [f"{result['utterances'][0]['start']:.2f}",
                                    f"{result['utterances'][0]['end']:.2f}", "happy"]
     assert timeline["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

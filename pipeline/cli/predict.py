@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
                                "(default: %(default)g)")
     timeline.add_argument("--min-silence", type=float, default=TimelineDefaults.min_silence_s, metavar="S",
                           help="a pause at least this long (seconds) ends an utterance (default: %(default)g)")
+    timeline.add_argument("--margin", type=_margin, default=None, metavar="S|auto",
+                          help="seconds of recording around each utterance's speech given to the extractors "
+                               "(the reported start/end stay on the speech); auto: as much as the model's "
+                               "training clips had (default: auto)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=0, metavar="N",
                    help="torch CPU threads, 0 = torch's default (default: 0)")
@@ -190,6 +194,16 @@ def _write(results: list[dict[str, Any]], fmt: str, stream: TextIO, *, lines: bo
         stream.write(json.dumps(results[0], ensure_ascii=False, indent=2) + "\n")
 
 
+def _margin(text: str) -> float | None:
+    """--margin: seconds, or "auto" (None: the checkpoint's)."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds or 'auto', got {text!r}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_transformers()
@@ -212,7 +226,8 @@ def _run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     timeline = args.timeline or args.plot is not None
     try:
-        options = TimelineOptions(max_utterance_s=args.max_utterance, min_silence_s=args.min_silence)
+        options = TimelineOptions(max_utterance_s=args.max_utterance, min_silence_s=args.min_silence,
+                                  margin_s=args.margin)
         clips = collect_clips(args.inputs)
         if args.plot is not None and len(clips) > 1:
             raise PredictError(f"--plot draws one recording; {len(clips)} were given (plot them one at a time)")

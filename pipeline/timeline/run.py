@@ -6,7 +6,8 @@
    usable audio, or with no speech at all, is cut every max_utterance_s instead, so that the face is still
    followed (the JSON's `segmentation.why` says so).
 3. Each utterance is a time segment of the file (`ClipItem.start_s/end_s`), decoded by seeking and
-   extracted by the checkpoint's extraction exactly like a training clip (`Extraction.extract_batches`).
+   extracted by the checkpoint's extraction exactly like a training clip (`Extraction.extract_batches`),
+   with as much recording around its speech as the checkpoint's training clips had (`segment.margin_for`).
 4. `context.plan_context`: with a checkpoint trained on multi-utterance conversations, the utterances are
    predicted as one conversation (`Predictor.conversation_logits`, windows of at most max_len); otherwise
    each alone, as `comp-predict` predicts a clip.
@@ -33,7 +34,7 @@ from pipeline.inputs import ClipItem
 from pipeline.predict import ClipPrediction, PredictError
 from pipeline.timeline.context import ContextPlan, plan_context, sliding_windows, window_owner
 from pipeline.timeline.options import TimelineOptions
-from pipeline.timeline.segment import Utterance, cut_utterances, fixed_utterances
+from pipeline.timeline.segment import Utterance, cut_utterances, fixed_utterances, margin_for, widen
 from pipeline.timeline.speech import SpeechMap, find_speech
 
 if TYPE_CHECKING:
@@ -53,7 +54,7 @@ def predict_timeline(predictor: "Predictor", path: str | Path, *, options: Timel
     """The emotion of each utterance of one recording, as the JSON-able object `comp-predict --timeline` prints:
 
     {"clip", "duration_s", "context": {"used", "why", "max_len", "windows"},
-     "segmentation": {"from", "why", "speech_s", "asr_segments"},
+     "segmentation": {"from", "why", "speech_s", "asr_segments", "margin_s", "margin_why" (cut by speech)},
      "utterances": [{"start", "end", "transcript", "modalities", "prediction", "error" (only when not
                      predicted)}],
      "model", "timings_s", "real_time_factor", "version"}
@@ -75,7 +76,13 @@ def predict_timeline(predictor: "Predictor", path: str | Path, *, options: Timel
         raise TimelineError(f"cannot decode {path}: {err}") from None
     t_asr = time.perf_counter()
     utterances, segmentation = _utterances(speech, options)
-    records = _extract(predictor, path, utterances, report)
+    margin, why = margin_for(predictor.meta, options)
+    if segmentation["from"] == "fixed":  # pieces that touch: nothing around them to add
+        windows = [(u.start_s, u.end_s) for u in utterances]
+    else:
+        windows = widen(utterances, margin, options.pad_s, speech.duration_s)
+        segmentation.update(margin_s=margin, margin_why=why)
+    records = _extract(predictor, path, utterances, windows, report)
     t_extract = time.perf_counter()
     plan = plan_context(predictor.meta, predictor.checkpoint)
     predictions, windows = _predict(predictor, records, plan, report)
@@ -115,12 +122,14 @@ def _utterances(speech: SpeechMap, options: TimelineOptions) -> tuple[list[Utter
     return fixed_utterances(speech.duration_s, options.max_utterance_s), info
 
 
-def _extract(predictor: "Predictor", path: Path, utterances: list[Utterance], report: Progress) -> list[ClipRecord]:
-    """Each utterance extracted as a time segment of the file, in time order."""
+def _extract(predictor: "Predictor", path: Path, utterances: list[Utterance], windows: list[tuple[float, float]],
+             report: Progress) -> list[ClipRecord]:
+    """Each utterance extracted as a time segment of the file (its window: the utterance and its margin), in
+    time order."""
     conversation = str(path)
     items = [ClipItem(id=f"{path.name}@{u.start_s:.2f}-{u.end_s:.2f}", path=path, source=str(path),
-                      conversation=conversation, position=i, start_s=u.start_s, end_s=u.end_s)
-             for i, u in enumerate(utterances)]
+                      conversation=conversation, position=i, start_s=a, end_s=b)
+             for i, (u, (a, b)) in enumerate(zip(utterances, windows))]
     report("utterances", 0, len(items))
     found: dict[str, ClipRecord] = {}
 

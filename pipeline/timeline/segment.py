@@ -7,12 +7,13 @@ begins (`TimelineOptions` describes the rules).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from pipeline.timeline.options import TimelineOptions
+from pipeline.timeline.options import MAX_MARGIN_S, TimelineOptions
 
 ENVELOPE_S = 0.1  # seconds per value of the loudness envelope (RMS of each 100 ms of audio)
 
@@ -132,6 +133,33 @@ def cut_utterances(vad_speech: Sequence[Span], asr_segments: Sequence[Span], env
         inner = [t for t in bounds if span[0] < t < span[1]]
         pieces += split_long(span, gaps, inner, envelope, options.max_utterance_s)
     return pad(pieces, options.pad_s, duration_s)
+
+
+def margin_for(meta: Mapping[str, Any], options: TimelineOptions) -> tuple[float, str]:
+    """(seconds of recording around each utterance's speech, per side, given to the extractors; why)."""
+    if options.margin_s is not None:
+        return options.margin_s, "set by the caller"
+    non_speech = (meta.get("clips") or {}).get("median_non_speech_s")
+    if non_speech is None:
+        return options.pad_s, "the checkpoint does not say how much silence its training clips held"
+    margin = min(MAX_MARGIN_S, max(options.pad_s, float(non_speech) / 2))
+    return round(margin, 3), (f"half the median non-speech time of the checkpoint's training clips "
+                              f"({float(non_speech):g} s), so each utterance is extracted like them")
+
+
+def widen(utterances: Sequence[Utterance], margin_s: float, pad_s: float, duration_s: float) -> list[Span]:
+    """The stretch of recording each utterance is extracted from: the utterance (already padded by `pad_s`)
+    widened to `margin_s` around its speech, never past the middle of the gap to a neighbour (utterances
+    that touch keep their shared boundary), nor outside [0, duration_s]."""
+    extra = max(0.0, margin_s - pad_s)
+    out: list[Span] = []
+    for i, u in enumerate(utterances):
+        prev_end = utterances[i - 1].end_s if i else None
+        next_start = utterances[i + 1].start_s if i + 1 < len(utterances) else None
+        lo = 0.0 if prev_end is None else max(prev_end, (prev_end + u.start_s) / 2)
+        hi = duration_s if next_start is None else min(next_start, (u.end_s + next_start) / 2)
+        out.append((round(max(lo, u.start_s - extra, 0.0), 3), round(min(hi, u.end_s + extra, duration_s), 3)))
+    return out
 
 
 def fixed_utterances(duration_s: float, max_s: float) -> list[Utterance]:
