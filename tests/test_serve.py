@@ -363,6 +363,7 @@ def test_model_describes_labels_spec_and_training(predictor, trained, tmp_path):
     assert info["spec_hash"] == predictor.spec_hash and info["extraction_spec"]["asr"]["name"]
     assert info["trained_on"]["features"] == "extracted from clips by comp-extract"
     assert info["trained_on"]["metrics"]["run"] and "offline" in info["presets"]["extract"]
+    assert info["trained_on"]["clips"]["clips"] > 0  # what the timeline's margin follows
     assert info["limits"]["max_queued"] == ServeLimits().max_queued and info["timeline"] is False
     assert page.status_code == 200 and "/static/app.js" in page.text
     assert "default-src 'self'" in page.headers["content-security-policy"]

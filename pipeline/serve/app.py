@@ -141,6 +141,7 @@ def model_info(predictor: Any, limits: ServeLimits, timeline: bool) -> dict[str,
         # source: the dataset an imported feature set came from; None for a store comp-extract wrote
         "trained_on": {"features": meta.get("source") or "extracted from clips by comp-extract",
                        "source": meta.get("source"), "conversations": meta.get("conversations"),
+                       "clips": meta.get("clips"),
                        "metrics": meta.get("metrics"), "created_with": meta.get("created_with")},
         "train_config": meta.get("train_config"),
         "presets": {"extract": available_presets("extract"), "train": available_presets("train")},

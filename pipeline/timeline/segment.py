@@ -108,17 +108,24 @@ def _around(envelope: np.ndarray, t: float) -> np.ndarray:
     return window if window.size else np.zeros(1)
 
 
-def pad(pieces: Sequence[tuple[Span, str]], pad_s: float, duration_s: float) -> list[Utterance]:
-    """Pieces widened by `pad_s` on each side, never past the middle of the pause to a neighbour, nor
-    outside [0, duration_s]; pieces that touch (a split inside speech) keep their shared boundary."""
-    out = []
-    for i, ((a, b), kind) in enumerate(pieces):
-        prev_end = pieces[i - 1][0][1] if i else None
-        next_start = pieces[i + 1][0][0] if i + 1 < len(pieces) else None
+def _widened(spans: Sequence[Span], by_s: float, duration_s: float) -> list[Span]:
+    """Spans (in time order) widened by `by_s` on each side, never past the middle of the pause to a
+    neighbour, nor outside [0, duration_s]; spans that touch (a split inside speech) keep their shared
+    boundary."""
+    out: list[Span] = []
+    for i, (a, b) in enumerate(spans):
+        prev_end = spans[i - 1][1] if i else None
+        next_start = spans[i + 1][0] if i + 1 < len(spans) else None
         lo = 0.0 if prev_end is None else max(prev_end, (prev_end + a) / 2)
         hi = duration_s if next_start is None else min(next_start, (b + next_start) / 2)
-        out.append(Utterance(round(max(lo, a - pad_s, 0.0), 3), round(min(hi, b + pad_s, duration_s), 3), kind))
+        out.append((round(max(lo, a - by_s, 0.0), 3), round(min(hi, b + by_s, duration_s), 3)))
     return out
+
+
+def pad(pieces: Sequence[tuple[Span, str]], pad_s: float, duration_s: float) -> list[Utterance]:
+    """Pieces widened by `pad_s` on each side (`_widened`: never into a neighbour's half of the pause)."""
+    spans = _widened([span for span, _ in pieces], pad_s, duration_s)
+    return [Utterance(a, b, kind) for (a, b), (_, kind) in zip(spans, pieces)]
 
 
 def cut_utterances(vad_speech: Sequence[Span], asr_segments: Sequence[Span], envelope: np.ndarray,
@@ -149,17 +156,8 @@ def margin_for(meta: Mapping[str, Any], options: TimelineOptions) -> tuple[float
 
 def widen(utterances: Sequence[Utterance], margin_s: float, pad_s: float, duration_s: float) -> list[Span]:
     """The stretch of recording each utterance is extracted from: the utterance (already padded by `pad_s`)
-    widened to `margin_s` around its speech, never past the middle of the gap to a neighbour (utterances
-    that touch keep their shared boundary), nor outside [0, duration_s]."""
-    extra = max(0.0, margin_s - pad_s)
-    out: list[Span] = []
-    for i, u in enumerate(utterances):
-        prev_end = utterances[i - 1].end_s if i else None
-        next_start = utterances[i + 1].start_s if i + 1 < len(utterances) else None
-        lo = 0.0 if prev_end is None else max(prev_end, (prev_end + u.start_s) / 2)
-        hi = duration_s if next_start is None else min(next_start, (u.end_s + next_start) / 2)
-        out.append((round(max(lo, u.start_s - extra, 0.0), 3), round(min(hi, u.end_s + extra, duration_s), 3)))
-    return out
+    widened to `margin_s` around its speech, by the same rule as the pad (`_widened`)."""
+    return _widened([(u.start_s, u.end_s) for u in utterances], max(0.0, margin_s - pad_s), duration_s)
 
 
 def fixed_utterances(duration_s: float, max_s: float) -> list[Utterance]:
